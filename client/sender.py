@@ -1,0 +1,202 @@
+"""Background sender of registration and step reports over the Watch stream."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from nanwatch.client.connection import OutageLog, backoff_delay_s, open_channel
+from nanwatch.v1 import nanwatch_pb2 as pb
+from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_S = 5.0
+_POLL_S = 0.05
+
+
+class ReportSender:
+    """Registers the rank, streams StepReports and receives Signals on a daemon thread.
+
+    enqueue() is O(1) and never blocks on the network: reports wait in a bounded
+    deque, and when it is full the oldest report is dropped and counted. The count
+    goes out in StepReport.dropped_reports. On any RpcError the thread logs one
+    warning per outage, waits with exponential backoff and jitter, registers again
+    with the same client_id and resumes sending the reports still buffered.
+    """
+
+    def __init__(self, *, endpoint: str, register_request: pb.RegisterRankRequest, max_queued_reports: int) -> None:
+        self.endpoint = endpoint
+        self._request = register_request
+        self._max_queued = max_queued_reports
+        self._queue: collections.deque[pb.StepReport] = collections.deque()
+        self._cond = threading.Condition()
+        self._dropped = 0
+        self._closing = False
+        self._stopping = threading.Event()
+        self._halt_event = threading.Event()
+        self._halt_signal: pb.Signal | None = None
+        self._connected = False
+        self._registered_once = False
+        self._call: grpc.RpcContext | None = None
+        self._outage = OutageLog(what="reporting", endpoint=endpoint, run_id=register_request.run_id,
+                                 rank=register_request.rank)
+        self._thread = threading.Thread(target=self._run, name="nanwatch-reports", daemon=True)
+
+    def start(self) -> None:
+        """Start the daemon thread."""
+        self._thread.start()
+
+    # ---- state read by the training thread ----
+
+    @property
+    def connected(self) -> bool:
+        """True while the rank is registered and its Watch stream is open."""
+        return self._connected
+
+    @property
+    def dropped_reports(self) -> int:
+        """Count of reports dropped because the buffer was full."""
+        return self._dropped
+
+    @property
+    def halt_signal(self) -> pb.Signal | None:
+        """The HALT signal with the earliest halt_step received so far, or None."""
+        return self._halt_signal
+
+    def enqueue(self, report: pb.StepReport) -> None:
+        """Buffer report for sending; drops the oldest buffered report when the buffer is full."""
+        with self._cond:
+            if len(self._queue) >= self._max_queued:
+                self._queue.popleft()
+                self._dropped += 1
+            self._queue.append(report)
+            self._cond.notify_all()
+
+    def wait_for_halt(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for a HALT signal; returns False at once while not connected."""
+        deadline = time.monotonic() + timeout_s
+        while not self._halt_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._connected:
+                return False
+            self._halt_event.wait(min(_POLL_S, remaining))
+        return True
+
+    def close(self, timeout_s: float) -> None:
+        """Send the buffered reports for up to timeout_s, then end the stream and the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and not self._outage.in_outage:
+            self._thread.join(timeout_s)
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        if self._thread.is_alive():
+            self._thread.join(1.0)
+
+    # ---- the daemon thread ----
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._should_stop():
+            try:
+                self._run_session()
+                attempt = 0
+            except grpc.RpcError as error:
+                if not self._stopping.is_set():
+                    self._outage.failed(error)
+            except Exception:  # noqa: BLE001 - a nanwatch bug must not stop the sender for good
+                logger.exception("nanwatch: report sender failed unexpectedly; restarting it")
+            finally:
+                self._connected = False
+                self._call = None
+            if self._should_stop():
+                return
+            self._stopping.wait(backoff_delay_s(attempt))
+            attempt += 1
+
+    def _should_stop(self) -> bool:
+        if self._stopping.is_set():
+            return True
+        with self._cond:
+            return self._closing and (not self._queue or self._outage.in_outage)
+
+    def _run_session(self) -> None:
+        """Register, then stream reports and read signals until the stream ends."""
+        channel = open_channel(self.endpoint)
+        session_over = threading.Event()
+        try:
+            stub = pb_grpc.NanwatchStub(channel)
+            response = stub.RegisterRank(self._request, timeout=REGISTER_TIMEOUT_S)
+            self._on_registered(response)
+            call = stub.Watch(self._requests(session_over))
+            self._call = call
+            self._connected = True
+            for signal in call:
+                self._on_signal(signal)
+        finally:
+            # Wakes the request generator of this stream so that it returns without
+            # taking a report that the next stream should send instead.
+            session_over.set()
+            with self._cond:
+                self._cond.notify_all()
+            channel.close()
+
+    def _requests(self, session_over: threading.Event) -> Iterator[pb.WatchRequest]:
+        """Yield the WatchStart, then buffered reports until close(), stop or the end of the stream."""
+        start = pb.WatchStart(run_id=self._request.run_id, rank=self._request.rank, client_id=self._request.client_id)
+        yield pb.WatchRequest(start=start)
+        while True:
+            with self._cond:
+                while not (self._queue or self._closing or self._stopping.is_set() or session_over.is_set()):
+                    self._cond.wait()
+                if not self._queue or self._stopping.is_set() or session_over.is_set():
+                    return
+                report = self._queue.popleft()
+                report.dropped_reports = self._dropped
+                self._cond.notify_all()
+            report.sent_unix_s = time.time()
+            yield pb.WatchRequest(report=report)
+
+    # ---- responses ----
+
+    def _on_registered(self, response: pb.RegisterRankResponse) -> None:
+        self._outage.succeeded()
+        if response.HasField("halt") and response.halt.kind == pb.SIGNAL_KIND_HALT:
+            self._store_halt(response.halt)
+        if not self._registered_once and self._request.rank == 0:
+            for finding in response.findings:
+                log_finding(finding)
+        self._registered_once = True
+
+    def _on_signal(self, signal: pb.Signal) -> None:
+        if signal.kind == pb.SIGNAL_KIND_HALT:
+            self._store_halt(signal)
+        elif signal.kind == pb.SIGNAL_KIND_WARN:
+            logger.warning("nanwatch rank %d: service warning for run %s: %s",
+                           self._request.rank, signal.run_id, signal.reason)
+
+    def _store_halt(self, signal: pb.Signal) -> None:
+        current = self._halt_signal
+        if current is None or signal.halt_step < current.halt_step:
+            self._halt_signal = signal
+        self._halt_event.set()
+
+
+def log_finding(finding: pb.Finding) -> None:
+    """Log a service finding at the level of its severity, with its fix."""
+    level = {pb.SEVERITY_WARNING: logging.WARNING, pb.SEVERITY_CRITICAL: logging.ERROR}.get(
+        finding.severity, logging.INFO
+    )
+    logger.log(level, "nanwatch finding %s (%s): %s; fix: %s", finding.code,
+               pb.Stage.Name(finding.stage), finding.message, finding.fix or "none given")

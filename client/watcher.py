@@ -1,0 +1,256 @@
+"""The public Watcher: wires nanwatch's checks into a PyTorch training loop."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanwatch.client.agreement import Agreement
+from nanwatch.client.batch_sender import BatchSender
+from nanwatch.client.facts import (
+    RankIdentity, build_amp_info, build_clipping_info, build_register_request, collect_parameters, unwrap_model,
+)
+from nanwatch.client.sender import ReportSender
+from nanwatch.client.settings import (
+    resolve_amp_dtype, resolve_rank_and_world_size, resolve_run_id, validate_limits,
+)
+from nanwatch.client.step_check import HaltDecision, StepChecker, StepContext
+from nanwatch.client.summaries import summarize_batch_tensor
+from nanwatch.client.trace import ForwardTrace
+from nanwatch.endpoint import default_endpoint
+from nanwatch.errors import HaltError, halt_exit_code as env_halt_exit_code
+
+logger = logging.getLogger(__name__)
+
+
+class Watcher:
+    """Catches NaN and Inf in a training run and stops every rank before the optimizer applies it.
+
+    The Watcher hooks optimizer.step(): before each update it checks the batch
+    tensors given to check_batch, the loss, the gradients and the parameters. If
+    any rank finds a non-finite value, or the nanwatch service sent a HALT, every
+    rank raises HaltError at the same step and the update is not applied. Step
+    reports go to the service from a background thread, so training does not wait
+    for the network. When the service is down, training runs on with local checks.
+
+    Example:
+        watcher = Watcher(model, optimizer, loss_fn=criterion)
+        for x, y in loader:
+            watcher.check_batch(inputs=x, targets=y)
+            loss = criterion(model(x), y)   # a loss nn.Module is hooked; else watcher.observe_loss(loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()                # raises nanwatch.HaltError before a poisoned update
+        watcher.close()
+
+    Args:
+        model: the model, optionally wrapped in DistributedDataParallel; parameters are
+            named after the wrapped module, without the "module." prefix.
+        optimizer: the optimizer whose step() is hooked.
+        loss_fn: a loss nn.Module (hooked to observe every loss), a loss function name
+            such as "cross_entropy", or None.
+        run_id: 1-128 characters of [A-Za-z0-9._-]. Default: $NANWATCH_RUN_ID, else
+            $TORCHELASTIC_RUN_ID, else "run-<UTC timestamp>-<pid>" (broadcast from rank 0
+            when a process group is initialized, which makes the constructor a collective).
+        endpoint: host:port of the service; default $NANWATCH_ENDPOINT or 127.0.0.1:50051.
+        rank, world_size: default from torch.distributed, else $RANK/$WORLD_SIZE, else 0/1.
+        process_group: the group whose ranks agree on a halt; None is the default group.
+        clip_max_norm, clip_norm_type: the gradient clipping the script applies. Facts
+            for the service only: the Watcher does not clip.
+        amp_dtype: the autocast dtype (torch.float16 or torch.bfloat16), or None.
+        grad_scaler: the torch.amp.GradScaler in use, or None.
+        send_batches: also send whole batches to the service's CheckBatch call. This
+            copies every checked tensor to host memory on the training thread.
+        max_queued_reports: step reports buffered while the service is slow or down;
+            the oldest are dropped beyond this.
+        halt_exit_code: exit code of an uncaught HaltError; default
+            $NANWATCH_HALT_EXIT_CODE or 42.
+        flush_timeout_s: how long a halt waits for the service's acknowledgement, and
+            how long close() waits to send the buffered reports.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module | str | None = None,
+        *,
+        run_id: str | None = None,
+        endpoint: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group: Any = None,
+        clip_max_norm: float | None = None,
+        clip_norm_type: float = 2.0,
+        amp_dtype: torch.dtype | str | None = None,
+        grad_scaler: object | None = None,
+        send_batches: bool = False,
+        max_queued_reports: int = 1024,
+        halt_exit_code: int | None = None,
+        flush_timeout_s: float = 3.0,
+    ) -> None:
+        # Validate everything before installing any hook or thread.
+        _check_types(model, optimizer, loss_fn)
+        validate_limits(max_queued_reports=max_queued_reports, flush_timeout_s=flush_timeout_s,
+                        halt_exit_code=halt_exit_code)
+        self._exit_code = halt_exit_code if halt_exit_code is not None else env_halt_exit_code()
+        self._flush_timeout_s = flush_timeout_s
+        self._rank, world_size = resolve_rank_and_world_size(rank, world_size, process_group)
+        self._run_id = resolve_run_id(run_id, process_group)
+        self._endpoint = endpoint or default_endpoint()
+        amp = build_amp_info(resolve_amp_dtype(amp_dtype), grad_scaler)
+
+        # Facts for registration.
+        parameters = collect_parameters(model, optimizer)
+        identity = RankIdentity(run_id=self._run_id, rank=self._rank, world_size=world_size,
+                                client_id=str(uuid.uuid4()))
+        request = build_register_request(identity=identity, parameters=parameters, optimizer=optimizer,
+                                         loss_fn=loss_fn, amp=amp,
+                                         clipping=build_clipping_info(clip_max_norm, clip_norm_type))
+
+        # The step check and the hooks that feed it.
+        self._trace = ForwardTrace(unwrap_model(model))
+        agreement = Agreement.from_process_group(process_group, fallback_rank=self._rank)
+        self._checker = StepChecker(StepContext(
+            run_id=self._run_id, rank=self._rank, parameters=parameters, optimizer=optimizer,
+            grad_scaler=grad_scaler, agreement=agreement, trace=self._trace,
+        ))
+        self._step = 0
+        self._halt: HaltDecision | None = None
+        self._closed = False
+        self._handles = [
+            optimizer.register_step_pre_hook(self._on_step_pre),
+            optimizer.register_step_post_hook(self._on_step_post),
+        ]
+        if isinstance(loss_fn, nn.Module):
+            self._handles.append(loss_fn.register_forward_hook(self._on_loss_forward))
+
+        # Background senders.
+        self._sender = ReportSender(endpoint=self._endpoint, register_request=request,
+                                    max_queued_reports=max_queued_reports)
+        self._sender.start()
+        self._batch_sender: BatchSender | None = None
+        if send_batches:
+            self._batch_sender = BatchSender(endpoint=self._endpoint, run_id=self._run_id, rank=self._rank)
+            self._batch_sender.start()
+        logger.info("nanwatch rank %d: watching run %s, reporting to %s", self._rank, self._run_id, self._endpoint)
+
+    # ---- public state ----
+
+    @property
+    def step(self) -> int:
+        """Index of the current optimizer step (0-based): the count of completed steps."""
+        return self._step
+
+    @property
+    def halted(self) -> bool:
+        """True once this Watcher raised HaltError."""
+        return self._halt is not None
+
+    @property
+    def dropped_reports(self) -> int:
+        """Count of step reports dropped because the send buffer was full."""
+        return self._sender.dropped_reports
+
+    @property
+    def connected(self) -> bool:
+        """True while the service has this rank registered and its report stream is open."""
+        return self._sender.connected
+
+    @property
+    def run_id(self) -> str:
+        """The run id under which this rank reports."""
+        return self._run_id
+
+    # ---- training-loop calls ----
+
+    def check_batch(self, **tensors: torch.Tensor) -> None:
+        """Check batch tensors for NaN and Inf and summarize them for the current step's report.
+
+        The keyword is the tensor's name, as in check_batch(inputs=x, targets=y). The
+        check runs on the tensor's device; a non-finite value halts this step at optimizer.step().
+        """
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"check_batch({name}=...) got {type(tensor).__name__}; pass a torch.Tensor")
+        try:
+            for name, tensor in tensors.items():
+                self._checker.state.add_batch(summarize_batch_tensor(name, tensor))
+            if self._batch_sender is not None:
+                copies = {name: tensor.detach().to("cpu", copy=True) for name, tensor in tensors.items()}
+                self._batch_sender.enqueue(self._step, copies)
+        except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+            logger.exception("nanwatch rank %d: check_batch failed at step %d; training continues",
+                             self._rank, self._step)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the loss of the current step; a loss nn.Module given as loss_fn is recorded without this."""
+        try:
+            self._checker.state.add_loss(torch.as_tensor(loss))
+        except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+            logger.exception("nanwatch rank %d: observe_loss failed at step %d", self._rank, self._step)
+
+    def close(self) -> None:
+        """Remove the hooks, send the buffered reports (up to flush_timeout_s) and stop the senders."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._trace.remove()
+        self._sender.close(self._flush_timeout_s)
+        if self._batch_sender is not None:
+            self._batch_sender.close(self._flush_timeout_s)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    # ---- hooks ----
+
+    def _on_loss_forward(self, unused_module: nn.Module, unused_args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self.observe_loss(output)
+
+    def _on_step_pre(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
+        if self._halt is not None:
+            raise self._halt_error(self._halt)
+        outcome = self._checker.check(self._step, self._sender.halt_signal)
+        self._sender.enqueue(outcome.report)
+        if outcome.halt is not None:
+            self._stop(outcome.halt)
+
+    def _on_step_post(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
+        self._step += 1
+        self._checker.after_update()
+
+    def _stop(self, decision: HaltDecision) -> None:
+        """Wait briefly for the service's acknowledgement, log the halt and raise HaltError."""
+        self._halt = decision
+        if decision.source != "service":
+            self._sender.wait_for_halt(self._flush_timeout_s)
+        logger.error("nanwatch rank %d: halted at step %d before the optimizer update (%s): %s",
+                     self._rank, decision.step, decision.source, decision.reason)
+        raise self._halt_error(decision)
+
+    def _halt_error(self, decision: HaltDecision) -> HaltError:
+        return HaltError(step=decision.step, reason=decision.reason, finding=decision.finding,
+                         source=decision.source, exit_code=self._exit_code)
+
+
+def _check_types(model: object, optimizer: object, loss_fn: object) -> None:
+    """Raise TypeError naming the first Watcher argument of the wrong type."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if loss_fn is not None and not isinstance(loss_fn, (nn.Module, str)):
+        raise TypeError(f"loss_fn must be an nn.Module, a loss function name or None, got {type(loss_fn).__name__}")

@@ -1,0 +1,1 @@
+"""The ``nanwatch`` command line: serve, runs, status, halt, demo."""

@@ -1,0 +1,77 @@
+"""Entry point of the ``nanwatch`` command: parses arguments and dispatches to a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from nanwatch.cli import remote
+from nanwatch.endpoint import ENDPOINT_ENV, default_endpoint
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanwatch",
+        description="Training-run health checks for PyTorch: catch NaN before the update, diagnose it, halt every rank.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service (gRPC + Prometheus /metrics)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a container (default 127.0.0.1)")
+    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    serve.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port, path /metrics (default 9400)")
+    serve.add_argument("--db", default="nanwatch.db", help="SQLite store path (default ./nanwatch.db)")
+    serve.add_argument("--thresholds", default=None, help="JSON file of check thresholds (default: built-in)")
+    serve.add_argument(
+        "--no-rank-label", action="store_true",
+        help="one series per run instead of per rank for loss, grad norm and step gauges",
+    )
+    serve.add_argument("--grace-seconds", type=float, default=5.0, help="drain time on SIGTERM (default 5)")
+
+    endpoint_help = f"service address HOST:PORT (default ${ENDPOINT_ENV} or {default_endpoint()})"
+    runs = commands.add_parser("runs", help="list runs, newest first")
+    runs.add_argument("--endpoint", default=None, help=endpoint_help)
+    runs.add_argument("--limit", type=int, default=50, help="maximum number of runs (default 50)")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    status = commands.add_parser("status", help="the staged checklist and findings of a run")
+    status.add_argument("run_id", metavar="RUN_ID")
+    status.add_argument("--endpoint", default=None, help=endpoint_help)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    halt = commands.add_parser("halt", help="halt every rank of a run at its next step")
+    halt.add_argument("run_id", metavar="RUN_ID")
+    halt.add_argument("--reason", required=True, help="why the run is halted; shown on every rank")
+    halt.add_argument("--endpoint", default=None, help=endpoint_help)
+
+    demo = commands.add_parser("demo", help="train on scikit-learn digits under torchrun with a planted fault")
+    demo.add_argument("--fault", choices=["none", "data", "lr", "loss"], default="lr", help="fault to plant (default lr)")
+    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    demo.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
+    demo.add_argument("--endpoint", default=None, help="use this service instead of starting a local one")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "serve":
+        from nanwatch.cli.serve import run_serve
+
+        return run_serve(args)
+    if args.command == "demo":
+        from nanwatch.cli.demo import run_demo_command
+
+        return run_demo_command(args)
+    return remote.run_remote_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Client commands that call a running service: ``runs``, ``status``, ``halt``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import grpc
+
+from nanwatch.cli.report import render_runs, render_status, status_to_json, summary_to_json
+from nanwatch.endpoint import default_endpoint
+from nanwatch.v1 import nanwatch_pb2 as pb
+from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+DEADLINE_S = 10.0
+EXIT_RPC_ERROR = 1
+
+
+def run_remote_command(args: argparse.Namespace) -> int:
+    endpoint = args.endpoint or default_endpoint()
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = pb_grpc.NanwatchStub(channel)
+        try:
+            return _dispatch(stub, args)
+        except grpc.RpcError as error:
+            print(_explain(error, endpoint), file=sys.stderr)
+            return EXIT_RPC_ERROR
+
+
+def _dispatch(stub: pb_grpc.NanwatchStub, args: argparse.Namespace) -> int:
+    if args.command == "runs":
+        response = stub.ListRuns(pb.ListRunsRequest(limit=args.limit), timeout=DEADLINE_S)
+        if args.json:
+            print(json.dumps([summary_to_json(run) for run in response.runs], indent=2))
+        else:
+            print(render_runs(list(response.runs)) if response.runs else "no runs")
+        return 0
+    if args.command == "status":
+        status = stub.GetRunStatus(pb.GetRunStatusRequest(run_id=args.run_id), timeout=DEADLINE_S)
+        print(json.dumps(status_to_json(status), indent=2) if args.json else render_status(status))
+        return 0
+    if args.command == "halt":
+        response = stub.HaltRun(pb.HaltRunRequest(run_id=args.run_id, reason=args.reason), timeout=DEADLINE_S)
+        halt = response.halt
+        prefix = "run was already halted" if response.already_halted else "halted"
+        print(f"{prefix}: run {halt.run_id} stops at step {halt.halt_step}: {halt.reason}")
+        return 0
+    raise ValueError(f"unknown command {args.command!r}")
+
+
+def _explain(error: grpc.RpcError, endpoint: str) -> str:
+    code = error.code()  # type: ignore[attr-defined]
+    details = error.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (f"cannot reach the nanwatch service at {endpoint}: {details}. "
+                "Start it with `nanwatch serve` or pass --endpoint HOST:PORT.")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the nanwatch service at {endpoint} did not answer within {DEADLINE_S:.0f} s"
+    return f"{code.name}: {details}"

@@ -1,0 +1,171 @@
+"""Render runs, run status and findings as text tables or stable JSON."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from nanwatch.v1 import nanwatch_pb2 as pb
+
+STAGE_NAMES = {
+    1: "data",
+    2: "initialization",
+    3: "loss/activation",
+    4: "hyperparameters",
+    5: "gradients",
+    6: "monitoring",
+}
+STATE_NAMES = {
+    pb.CHECK_STATE_PASS: "pass",
+    pb.CHECK_STATE_WARN: "warn",
+    pb.CHECK_STATE_FAIL: "fail",
+    pb.CHECK_STATE_NOT_RUN: "not run",
+}
+MAX_CELL = 70
+
+
+def severity_name(severity: int) -> str:
+    return pb.Severity.Name(severity).removeprefix("SEVERITY_").lower()
+
+
+def finding_to_json(finding: pb.Finding) -> dict[str, Any]:
+    evidence = finding.evidence
+    return {
+        "id": finding.id,
+        "stage": finding.stage,
+        "stage_name": STAGE_NAMES.get(finding.stage, "other"),
+        "severity": severity_name(finding.severity),
+        "code": finding.code,
+        "message": finding.message,
+        "fix": finding.fix,
+        "evidence": {
+            "run_id": evidence.run_id,
+            "rank": evidence.rank,
+            "step": evidence.step,
+            "tensor": evidence.tensor,
+            "layer": evidence.layer,
+            "values": dict(evidence.values),
+            "sample_indices": list(evidence.sample_indices),
+        },
+        "created_unix_s": finding.created_unix_s,
+    }
+
+
+def summary_to_json(summary: pb.RunSummary) -> dict[str, Any]:
+    return {
+        "run_id": summary.run_id,
+        "world_size": summary.world_size,
+        "halted": summary.halted,
+        "halt_step": summary.halt_step if summary.halted else None,
+        "last_step": summary.last_step,
+        "finding_count": summary.finding_count,
+        "created_unix_s": summary.created_unix_s,
+        "primary": finding_to_json(summary.primary) if summary.HasField("primary") else None,
+    }
+
+
+def status_to_json(status: pb.RunStatus) -> dict[str, Any]:
+    """Return the documented JSON form of a run status (see the README's status fields)."""
+    document = summary_to_json(status.summary)
+    document["halt_reason"] = status.halt_reason or None
+    document["halt_first_rank"] = status.halt_first_rank if status.halt_first_rank >= 0 else None
+    document["stages"] = [
+        {
+            "stage": stage,
+            "stage_name": name,
+            "state": _worst_state([check for check in status.checks if check.stage == stage]),
+            "checks": [_check_to_json(check) for check in status.checks if check.stage == stage],
+        }
+        for stage, name in STAGE_NAMES.items()
+    ]
+    document["findings"] = [finding_to_json(finding) for finding in status.findings]
+    document["ranks"] = [
+        {
+            "rank": rank.rank,
+            "host": rank.host,
+            "last_step": rank.last_step,
+            "last_loss": _finite_or_none(rank.last_loss),
+            "last_grad_norm": _finite_or_none(rank.last_grad_norm),
+            "connected": rank.connected,
+        }
+        for rank in status.ranks
+    ]
+    return document
+
+
+def render_status(status: pb.RunStatus) -> str:
+    summary = status.summary
+    lines = [f"run {summary.run_id}  world_size {summary.world_size}  last step {summary.last_step}"]
+    if summary.halted:
+        first = f", first seen on rank {status.halt_first_rank}" if status.halt_first_rank >= 0 else ""
+        lines.append(f"HALTED at step {summary.halt_step}{first}: {status.halt_reason}")
+    else:
+        lines.append("not halted")
+    if summary.HasField("primary"):
+        primary = summary.primary
+        lines.append(
+            f"primary cause: stage {primary.stage} ({STAGE_NAMES.get(primary.stage, 'other')}) "
+            f"{primary.code}: {primary.message}"
+        )
+        lines.append(f"  fix: {primary.fix}")
+    lines.append("")
+    rows = [
+        [f"{check.stage} {STAGE_NAMES.get(check.stage, '')}", check.check, STATE_NAMES.get(check.state, "?"),
+         _clip(check.evidence), _clip(check.fix)]
+        for check in status.checks
+    ]
+    lines.append(render_table(["STAGE", "CHECK", "STATE", "EVIDENCE", "FIX"], rows))
+    if status.findings:
+        lines.append("")
+        lines.append("findings:")
+        for finding in status.findings:
+            lines.append(f"- [{severity_name(finding.severity)}] stage {finding.stage} {finding.code} "
+                         f"(rank {finding.evidence.rank}, step {finding.evidence.step}): {finding.message}")
+            lines.append(f"  fix: {finding.fix}")
+    return "\n".join(lines)
+
+
+def render_runs(runs: list[pb.RunSummary]) -> str:
+    rows = [
+        [
+            run.run_id,
+            str(run.world_size),
+            str(run.last_step),
+            f"halted at {run.halt_step}" if run.halted else "running or ended",
+            str(run.finding_count),
+            f"{run.primary.code} (stage {run.primary.stage})" if run.HasField("primary") else "-",
+        ]
+        for run in runs
+    ]
+    return render_table(["RUN", "WORLD", "LAST STEP", "STATE", "FINDINGS", "PRIMARY"], rows)
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _check_to_json(check: pb.CheckResult) -> dict[str, Any]:
+    return {
+        "code": check.code,
+        "check": check.check,
+        "state": STATE_NAMES.get(check.state, "unknown"),
+        "evidence": check.evidence,
+        "fix": check.fix,
+    }
+
+
+def _worst_state(checks: list[pb.CheckResult]) -> str:
+    for state in (pb.CHECK_STATE_FAIL, pb.CHECK_STATE_WARN, pb.CHECK_STATE_PASS):
+        if any(check.state == state for check in checks):
+            return STATE_NAMES[state]
+    return STATE_NAMES[pb.CHECK_STATE_NOT_RUN]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 3] + "..."
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,32 @@
+"""``nanwatch serve``: run the service in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from nanwatch.service.server import ServiceConfig, serve
+    except ImportError as error:
+        logger.error("the service dependencies are missing (%s); install them with: pip install 'nanwatch[service]'", error)
+        return 2
+    try:
+        config = ServiceConfig(
+            host=args.host,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            db_path=args.db,
+            thresholds_path=args.thresholds,
+            rank_label=not args.no_rank_label,
+            grace_s=args.grace_seconds,
+        )
+        config.load_thresholds()
+    except ValueError as error:
+        logger.error("invalid setting: %s", error)
+        return 2
+    serve(config)
+    return 0

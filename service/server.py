@@ -1,0 +1,212 @@
+"""Start and stop the nanwatch service: gRPC server, health, reflection and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from nanwatch.service.engine import CheckEngine
+from nanwatch.service.metrics import ServiceMetrics
+from nanwatch.service.servicer import NanwatchServicer
+from nanwatch.service.store import Store
+from nanwatch.service.supervisor import Supervisor
+from nanwatch.service.thresholds import Thresholds
+from nanwatch.v1 import nanwatch_pb2 as pb
+from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Nanwatch"].full_name
+MiB = 1 << 20
+
+
+@dataclass(kw_only=True, slots=True)
+class ServiceConfig:
+    """Settings of one service process."""
+
+    host: str = "127.0.0.1"
+    """Address the gRPC and metrics ports bind to; 0.0.0.0 or :: inside a container."""
+    grpc_port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = 9400
+    """Prometheus /metrics port; 0 picks a free one."""
+    db_path: str = "nanwatch.db"
+    """SQLite file that keeps runs, findings and halts across restarts; ":memory:" keeps nothing."""
+    thresholds_path: str | None = None
+    """JSON file of check thresholds (see service/thresholds.py); None uses the defaults."""
+    rank_label: bool = True
+    """Label per-step gauges with the rank; False keeps one series per run (rank 0)."""
+    max_batch_bytes: int = 64 * MiB
+    """Maximum raw tensor bytes in one CheckBatch request."""
+    grace_s: float = 5.0
+    """Seconds that open calls get to finish on shutdown."""
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name}={port} is not a TCP port; use 0..65535 (0 picks a free port)")
+        if self.max_batch_bytes <= 0:
+            raise ValueError(f"max_batch_bytes={self.max_batch_bytes} must be positive")
+
+    def load_thresholds(self) -> Thresholds:
+        if self.thresholds_path is None:
+            return Thresholds()
+        path = Path(self.thresholds_path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read thresholds file {path}: {error}") from error
+        return Thresholds.from_mapping(values)
+
+
+class RunningService:
+    """A started service; ``stop()`` drains it (health NOT_SERVING first, then a graceful stop)."""
+
+    def __init__(
+        self, *, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, supervisor: Supervisor,
+        grpc_port: int, metrics_port: int, metrics_http: object, host: str, grace_s: float,
+    ) -> None:
+        self.server = server
+        self.health_servicer = health_servicer
+        self.supervisor = supervisor
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self._metrics_http = metrics_http
+        self.host = host
+        self.grace_s = grace_s
+
+    async def stop(self) -> None:
+        logger.info("stopping: health NOT_SERVING, draining for up to %.1f s", self.grace_s)
+        await self.health_servicer.enter_graceful_shutdown()
+        await self.server.stop(self.grace_s)
+        self._metrics_http.shutdown()  # type: ignore[attr-defined]
+        self.supervisor.store.close()
+        logger.info("stopped")
+
+
+async def start_service(config: ServiceConfig) -> RunningService:
+    """Open the store, bind both ports and start serving; return the running service."""
+    store = Store(config.db_path)
+    metrics = ServiceMetrics(rank_label=config.rank_label)
+    supervisor = Supervisor(
+        store=store, engine=CheckEngine(config.load_thresholds()), metrics=metrics,
+        max_batch_bytes=config.max_batch_bytes,
+    )
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_batch_bytes + MiB),
+            # Clients ping every 30 s to keep their Watch stream alive through idle proxies.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    )
+    pb_grpc.add_NanwatchServicer_to_server(NanwatchServicer(supervisor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    grpc_port = server.add_insecure_port(f"{_bracket(config.host)}:{config.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot bind the gRPC port {config.host}:{config.grpc_port}; is it in use?")
+    await server.start()
+
+    metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    metrics_port = metrics_http.server_port
+    for name in (health.OVERALL_HEALTH, SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info(
+        "serving gRPC on %s:%d, metrics on http://%s:%d/metrics, store %s",
+        config.host, grpc_port, config.host, metrics_port, config.db_path,
+    )
+    return RunningService(
+        server=server, health_servicer=health_servicer, supervisor=supervisor, grpc_port=grpc_port,
+        metrics_port=metrics_port, metrics_http=metrics_http, host=config.host, grace_s=config.grace_s,
+    )
+
+
+def serve(config: ServiceConfig) -> None:
+    """Run the service in the foreground until SIGTERM or SIGINT, then drain and return."""
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: ServiceConfig) -> None:
+    service = await start_service(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, signum, stop_requested)
+    await stop_requested.wait()
+    await service.stop()
+
+
+def _on_signal(signum: int, stop_requested: asyncio.Event) -> None:
+    logger.info("received %s", signal.Signals(signum).name)
+    stop_requested.set()
+
+
+class BackgroundService:
+    """A service on its own event-loop thread, for tests, ``nanwatch demo`` and ``nanwatch run``.
+
+    Example:
+        with BackgroundService(ServiceConfig(grpc_port=0, metrics_port=0, db_path=":memory:")) as service:
+            print(service.endpoint, service.metrics_url)
+    """
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nanwatch-service", daemon=True)
+        self._service: RunningService | None = None
+
+    def start(self) -> BackgroundService:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(start_service(self.config), self._loop)
+        self._service = future.result(timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self._service is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._service.stop(), self._loop).result(timeout=self.config.grace_s + 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._service = None
+
+    def __enter__(self) -> BackgroundService:
+        return self.start()
+
+    def __exit__(self, *unused_exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> RunningService:
+        if self._service is None:
+            raise RuntimeError("the service is not running; call start() first")
+        return self._service
+
+    @property
+    def endpoint(self) -> str:
+        return f"{_bracket(self.config.host)}:{self.running.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_bracket(self.config.host)}:{self.running.metrics_port}/metrics"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

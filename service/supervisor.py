@@ -1,0 +1,329 @@
+"""The service's core: runs the staged checks on what ranks send, records findings, halts runs.
+
+The gRPC servicer only translates between the wire and this class, so the
+same logic serves the standalone service and the in-process one that
+``nanwatch run`` and ``nanwatch demo`` start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from nanwatch.service.checklist import build_checklist
+from nanwatch.service.diagnosis import choose_primary
+from nanwatch.service.engine import CheckEngine
+from nanwatch.service.live import LiveRun, LiveRuns
+from nanwatch.service.metrics import ServiceMetrics
+from nanwatch.service.store import HaltRecord, Store
+from nanwatch.service.tensor_codec import TensorDecodeError, decode_tensor
+from nanwatch.service.validation import RequestError, check_rank, check_registration, check_report, check_run_id
+from nanwatch.v1 import nanwatch_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+HALT_SOURCE_FINDING = "finding"
+HALT_SOURCE_CLIENT = "client"
+HALT_SOURCE_OPERATOR = "operator"
+
+
+class Supervisor:
+    """Applies the check engine to registrations, reports and batches, and halts runs.
+
+    Args:
+        store: where runs, findings and halts persist.
+        engine: the staged checks.
+        metrics: the Prometheus metric families to update.
+        max_batch_bytes: limit on the raw tensor bytes of one CheckBatch request.
+    """
+
+    def __init__(
+        self, *, store: Store, engine: CheckEngine, metrics: ServiceMetrics, max_batch_bytes: int
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self.live = LiveRuns()
+        self.max_batch_bytes = max_batch_bytes
+
+    # ---- registration ----
+
+    def register(self, request: pb.RegisterRankRequest) -> pb.RegisterRankResponse:
+        check_registration(request)
+        stored = self.store.upsert_run(request.run_id, world_size=request.world_size)
+        if stored.world_size != request.world_size:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {request.run_id!r} was registered with world_size {stored.world_size}, not "
+                f"{request.world_size}; use a new run id for a job of another size",
+            )
+        run = self.live.ensure(request.run_id, request.world_size)
+        self._claim_rank(run, request)
+        self.store.upsert_rank(request)
+        self.metrics.observe_run(request.run_id, halted=self.store.get_halt(request.run_id) is not None)
+        logger.info(
+            "registered run=%s rank=%d/%d host=%s client=%s",
+            request.run_id, request.rank, request.world_size, request.host, request.client_id,
+        )
+
+        findings = self.engine.check_registration(request)
+        recorded = self._record_findings(findings)
+        self._persist_progress(request.run_id)
+        self._halt_on_critical(run, recorded, step=0)
+
+        response = pb.RegisterRankResponse(findings=recorded)
+        halt = self.store.get_halt(request.run_id)
+        if halt is not None:
+            response.halt.CopyFrom(_halt_signal(halt))
+        return response
+
+    def _claim_rank(self, run: LiveRun, request: pb.RegisterRankRequest) -> None:
+        state = run.rank(request.rank)
+        if state.connected and state.client_id and state.client_id != request.client_id:
+            raise RequestError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"rank {request.rank} of run {request.run_id!r} is already connected from client "
+                f"{state.client_id}; each rank must use its own rank number",
+            )
+        if state.client_id != request.client_id:
+            state.last_step = -1  # a new process for this rank (for example after a restart) starts over
+        state.client_id = request.client_id
+        state.host = request.host
+
+    # ---- step reports ----
+
+    def open_stream(self, start: pb.WatchStart) -> tuple[LiveRun, asyncio.Queue[pb.Signal | None]]:
+        """Validate a Watch stream's start message and return the run and the rank's signal queue."""
+        check_run_id(start.run_id, "start.run_id")
+        stored = self.store.get_run(start.run_id)
+        if stored is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"run {start.run_id!r} is not registered; call RegisterRank before opening the Watch stream",
+            )
+        check_rank(start.rank, stored.world_size)
+        run = self.live.ensure(start.run_id, stored.world_size)
+        outbox = self.live.connect(start.run_id, start.rank, stored.world_size)
+        run.rank(start.rank).client_id = start.client_id or run.rank(start.rank).client_id
+        self.metrics.active_streams.set(self.live.connected_count())
+        halt = self.store.get_halt(start.run_id)
+        if halt is not None:
+            outbox.put_nowait(_halt_signal(halt))  # a rank reconnecting after the halt still gets it
+        logger.info("stream opened run=%s rank=%d", start.run_id, start.rank)
+        return run, outbox
+
+    def close_stream(self, run_id: str, rank: int, outbox: asyncio.Queue[pb.Signal | None]) -> None:
+        self.live.disconnect(run_id, rank, outbox)
+        self.metrics.active_streams.set(self.live.connected_count())
+        logger.info("stream closed run=%s rank=%d", run_id, rank)
+
+    def process_report(self, run: LiveRun, rank: int, report: pb.StepReport) -> None:
+        started = time.perf_counter()
+        check_report(report, run.rank(rank).last_step)
+        self.live.record_report(run.run_id, rank, report)
+        self.metrics.observe_report(run.run_id, rank, report)
+        if report.dropped_reports:
+            logger.warning(
+                "client dropped reports run=%s rank=%d dropped=%d", run.run_id, rank, report.dropped_reports
+            )
+
+        findings = self.engine.check_report(run.run_id, rank, report)
+        recorded = self._record_findings(findings)
+        self._halt_on_critical(run, recorded, step=report.step)
+        if report.halted_locally:
+            self._halt(run, step=report.step, first_rank=rank, source=HALT_SOURCE_CLIENT,
+                       reason=f"rank {rank} stopped at step {report.step} on its own checks")
+        if report.forward_trace or report.step % 50 == 0 or recorded:
+            self._persist_progress(run.run_id)
+        self.metrics.report_seconds.observe(time.perf_counter() - started)
+
+    # ---- whole batches ----
+
+    def check_batch(self, request: pb.CheckBatchRequest) -> pb.CheckBatchResponse:
+        check_run_id(request.run_id)
+        stored = self.store.get_run(request.run_id)
+        if stored is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"run {request.run_id!r} is not registered; call RegisterRank before CheckBatch",
+            )
+        check_rank(request.rank, stored.world_size)
+        tensors = self._decode_batch(request)
+        self.metrics.batches_checked.inc()
+
+        findings = self.engine.check_batch(
+            request.run_id, request.rank, request.step, tensors, list(request.sample_ids)
+        )
+        recorded = self._record_findings(findings)
+        run = self.live.ensure(request.run_id, stored.world_size)
+        self._halt_on_critical(run, recorded, step=max(request.step, run.max_step() + 1))
+        self._persist_progress(request.run_id)
+        valid = all(finding.severity != pb.SEVERITY_CRITICAL for finding in recorded)
+        return pb.CheckBatchResponse(valid=valid, findings=recorded)
+
+    def _decode_batch(self, request: pb.CheckBatchRequest) -> dict[str, np.ndarray]:
+        if not request.tensors:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "tensors is empty; send at least one tensor")
+        total_bytes = sum(len(tensor.data) for tensor in request.tensors)
+        if total_bytes > self.max_batch_bytes:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"batch of {total_bytes} bytes is over the limit of {self.max_batch_bytes} bytes; "
+                "send a summary in the step report or split the batch",
+            )
+        tensors: dict[str, np.ndarray] = {}
+        for index, tensor in enumerate(request.tensors):
+            try:
+                tensors[tensor.name] = decode_tensor(tensor, max_bytes=self.max_batch_bytes)
+            except TensorDecodeError as error:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"tensors[{index}]: {error}") from None
+        return tensors
+
+    # ---- operator calls and queries ----
+
+    def halt_by_operator(self, request: pb.HaltRunRequest) -> pb.HaltRunResponse:
+        check_run_id(request.run_id)
+        stored = self.store.get_run(request.run_id)
+        if stored is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found; see `nanwatch runs`")
+        previous = self.store.get_halt(request.run_id)
+        if previous is not None:
+            return pb.HaltRunResponse(halt=_halt_signal(previous), already_halted=True)
+        run = self.live.ensure(request.run_id, stored.world_size)
+        reason = request.reason.strip() or "no reason given"
+        step = max(run.max_step() + 1, stored.last_step + 1, 0)
+        self._halt(run, step=step, first_rank=-1, source=HALT_SOURCE_OPERATOR, reason=f"operator halt: {reason}")
+        halt = self.store.get_halt(request.run_id)
+        assert halt is not None
+        return pb.HaltRunResponse(halt=_halt_signal(halt), already_halted=False)
+
+    def run_status(self, run_id: str) -> pb.RunStatus:
+        check_run_id(run_id)
+        stored = self.store.get_run(run_id)
+        if stored is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} not found; see `nanwatch runs`")
+        findings = self.store.list_findings(run_id)
+        halt = self.store.get_halt(run_id)
+        evaluated = stored.evaluated_codes | self.engine.evaluated_codes(run_id)
+
+        status = pb.RunStatus(
+            summary=self._summary(stored.run_id, stored.world_size, stored.created_unix_s, stored.last_step),
+            halt_reason=halt.reason if halt else "",
+            checks=build_checklist(findings, evaluated),
+            findings=findings,
+            halt_first_rank=halt.first_rank if halt else -1,
+        )
+        status.ranks.extend(self._rank_infos(run_id))
+        return status
+
+    def list_runs(self, limit: int) -> pb.ListRunsResponse:
+        limit = limit if limit > 0 else 100
+        runs = self.store.list_runs(min(limit, 10_000))
+        return pb.ListRunsResponse(
+            runs=[self._summary(run.run_id, run.world_size, run.created_unix_s, run.last_step) for run in runs]
+        )
+
+    def _summary(self, run_id: str, world_size: int, created: float, last_step: int) -> pb.RunSummary:
+        live = self.live.get(run_id)
+        if live is not None:
+            last_step = max(last_step, live.max_step())
+        halt = self.store.get_halt(run_id)
+        summary = pb.RunSummary(
+            run_id=run_id,
+            world_size=world_size,
+            halted=halt is not None,
+            halt_step=halt.step if halt else -1,
+            last_step=last_step,
+            finding_count=self.store.count_findings(run_id),
+            created_unix_s=created,
+        )
+        primary = self._primary(run_id, halt)
+        if primary is not None:
+            summary.primary.CopyFrom(primary)
+        return summary
+
+    def _primary(self, run_id: str, halt: HaltRecord | None) -> pb.Finding | None:
+        if halt is not None and halt.finding is not None:
+            return halt.finding
+        return choose_primary(self.store.list_findings(run_id), halt.step if halt else None)
+
+    def _rank_infos(self, run_id: str) -> list[pb.RankInfo]:
+        live = self.live.get(run_id)
+        infos = []
+        for record in self.store.list_ranks(run_id):
+            state = live.ranks.get(record.rank) if live else None
+            infos.append(
+                pb.RankInfo(
+                    rank=record.rank,
+                    host=record.host,
+                    last_step=state.last_step if state else -1,
+                    last_loss=state.last_loss if state else float("nan"),
+                    last_grad_norm=state.last_grad_norm if state else float("nan"),
+                    connected=bool(state and state.connected),
+                )
+            )
+        return infos
+
+    # ---- findings and halts ----
+
+    def _record_findings(self, findings: Sequence[pb.Finding]) -> list[pb.Finding]:
+        recorded = []
+        for finding in findings:
+            finding.id = uuid.uuid4().hex[:16]
+            finding.created_unix_s = time.time()
+            self.store.add_finding(finding)
+            self.metrics.observe_finding(finding)
+            recorded.append(finding)
+            log = logger.error if finding.severity == pb.SEVERITY_CRITICAL else logger.warning
+            log(
+                "finding run=%s rank=%d step=%d stage=%d code=%s: %s",
+                finding.evidence.run_id, finding.evidence.rank, finding.evidence.step,
+                finding.stage, finding.code, finding.message,
+            )
+        return recorded
+
+    def _halt_on_critical(self, run: LiveRun, findings: Sequence[pb.Finding], *, step: int) -> None:
+        critical = [finding for finding in findings if finding.severity == pb.SEVERITY_CRITICAL]
+        if not critical:
+            return
+        first = critical[0]
+        self._halt(run, step=step, first_rank=first.evidence.rank, source=HALT_SOURCE_FINDING,
+                   reason=f"{first.code}: {first.message}")
+
+    def _halt(self, run: LiveRun, *, step: int, first_rank: int, source: str, reason: str) -> None:
+        """Record the run's halt (the first one wins) and send HALT to every connected rank."""
+        if self.store.get_halt(run.run_id) is not None:
+            return
+        findings = self.store.list_findings(run.run_id)
+        primary = choose_primary(findings, step)
+        if primary is not None and source != HALT_SOURCE_OPERATOR:
+            reason = f"{primary.code} (stage {primary.stage}): {primary.message}"
+        record = HaltRecord(run.run_id, step, reason, source, first_rank, time.time(), primary)
+        if not self.store.add_halt(record):
+            return
+        self.metrics.observe_halt(run.run_id, source)
+        sent = self.live.broadcast(run.run_id, _halt_signal(record))
+        logger.error(
+            "halt run=%s step=%d source=%s first_rank=%d ranks_signalled=%d: %s",
+            run.run_id, step, source, first_rank, sent, reason,
+        )
+
+    def _persist_progress(self, run_id: str) -> None:
+        live = self.live.get(run_id)
+        last_step = live.max_step() if live else -1
+        stored = self.store.get_run(run_id)
+        evaluated = self.engine.evaluated_codes(run_id) | (stored.evaluated_codes if stored else set())
+        self.store.update_run_progress(run_id, last_step=last_step, evaluated_codes=evaluated)
+
+
+def _halt_signal(halt: HaltRecord) -> pb.Signal:
+    signal = pb.Signal(kind=pb.SIGNAL_KIND_HALT, run_id=halt.run_id, halt_step=halt.step, reason=halt.reason)
+    if halt.finding is not None:
+        signal.finding.CopyFrom(halt.finding)
+    return signal
