@@ -115,13 +115,15 @@ def build_tensor_summary(entry: BatchEntry, stats: Sequence[float], sample_mask:
 
 
 def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Return the float32 norm of each tensor, in input order, on the first tensor's device.
+    """Return the norm of each tensor in float64, in input order, on the first tensor's device.
 
-    torch._foreach_norm runs once per (device, dtype) group, as clip_grad_norm_ does;
-    dtype=float32 keeps the norm of a float16 tensor from overflowing at 65504.
+    torch._foreach_norm runs once per (device, dtype) group, as clip_grad_norm_ does.
+    Accumulating in float64 makes a norm non-finite only when an element is: the
+    squares of finite float32 gradients above about 1.8e19 overflow a float32 sum.
+    NOTE: MPS has no float64, so there a norm can overflow while every element is finite.
     """
     if not tensors:
-        return torch.zeros(0, dtype=torch.float32)
+        return torch.zeros(0, dtype=torch.float64)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)
@@ -130,7 +132,8 @@ def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> to
     norms: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
     for indices in groups.values():
         group = [_dense(tensors[index]) for index in indices]
-        for index, norm in zip(indices, torch._foreach_norm(group, norm_type, dtype=torch.float32)):
+        accumulate = stats_dtype(group[0].device)
+        for index, norm in zip(indices, torch._foreach_norm(group, norm_type, dtype=accumulate)):
             norms[index] = norm.to(target)
     return torch.stack(norms)
 
@@ -143,5 +146,5 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
 def total_norm(norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
     """Return the norm of per-tensor norms, which equals the norm over all their elements."""
     if norms.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=norms.device)
+        return torch.zeros((), dtype=torch.float64, device=norms.device)
     return torch.linalg.vector_norm(norms, norm_type)

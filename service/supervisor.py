@@ -212,12 +212,13 @@ class Supervisor:
         halt = self.store.get_halt(run_id)
         evaluated = stored.evaluated_codes | self.engine.evaluated_codes(run_id)
 
+        summary = self._summary(stored.run_id, stored.world_size, stored.created_unix_s, stored.last_step)
         status = pb.RunStatus(
-            summary=self._summary(stored.run_id, stored.world_size, stored.created_unix_s, stored.last_step),
+            summary=summary,
             halt_reason=halt.reason if halt else "",
             checks=build_checklist(findings, evaluated),
             findings=findings,
-            halt_first_rank=halt.first_rank if halt else -1,
+            halt_first_rank=_first_rank(halt, summary.primary if summary.HasField("primary") else None),
         )
         status.ranks.extend(self._rank_infos(run_id))
         return status
@@ -249,8 +250,8 @@ class Supervisor:
         return summary
 
     def _primary(self, run_id: str, halt: HaltRecord | None) -> pb.Finding | None:
-        if halt is not None and halt.finding is not None:
-            return halt.finding
+        # Reports of one step arrive from every rank in any order, so the primary cause is
+        # chosen again from all findings rather than frozen at the moment of the halt.
         return choose_primary(self.store.list_findings(run_id), halt.step if halt else None)
 
     def _rank_infos(self, run_id: str) -> list[pb.RankInfo]:
@@ -294,16 +295,13 @@ class Supervisor:
             return
         first = critical[0]
         self._halt(run, step=step, first_rank=first.evidence.rank, source=HALT_SOURCE_FINDING,
-                   reason=f"{first.code}: {first.message}")
+                   reason=f"{first.code} on rank {first.evidence.rank}: {first.message}")
 
     def _halt(self, run: LiveRun, *, step: int, first_rank: int, source: str, reason: str) -> None:
         """Record the run's halt (the first one wins) and send HALT to every connected rank."""
         if self.store.get_halt(run.run_id) is not None:
             return
-        findings = self.store.list_findings(run.run_id)
-        primary = choose_primary(findings, step)
-        if primary is not None and source != HALT_SOURCE_OPERATOR:
-            reason = f"{primary.code} (stage {primary.stage}): {primary.message}"
+        primary = choose_primary(self.store.list_findings(run.run_id), step)
         record = HaltRecord(run.run_id, step, reason, source, first_rank, time.time(), primary)
         if not self.store.add_halt(record):
             return
@@ -320,6 +318,15 @@ class Supervisor:
         stored = self.store.get_run(run_id)
         evaluated = self.engine.evaluated_codes(run_id) | (stored.evaluated_codes if stored else set())
         self.store.update_run_progress(run_id, last_step=last_step, evaluated_codes=evaluated)
+
+
+def _first_rank(halt: HaltRecord | None, primary: pb.Finding | None) -> int:
+    """Return the rank that showed the primary cause at the halt step, else the rank that triggered the halt."""
+    if halt is None:
+        return -1
+    if primary is not None and primary.evidence.step == halt.step:
+        return primary.evidence.rank
+    return halt.first_rank
 
 
 def _halt_signal(halt: HaltRecord) -> pb.Signal:

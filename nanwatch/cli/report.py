@@ -97,8 +97,8 @@ def render_status(status: pb.RunStatus) -> str:
     summary = status.summary
     lines = [f"run {summary.run_id}  world_size {summary.world_size}  last step {summary.last_step}"]
     if summary.halted:
-        first = f", first seen on rank {status.halt_first_rank}" if status.halt_first_rank >= 0 else ""
-        lines.append(f"HALTED at step {summary.halt_step}{first}: {status.halt_reason}")
+        first = f", cause seen on rank {status.halt_first_rank}" if status.halt_first_rank >= 0 else ""
+        lines.append(f"HALTED at step {summary.halt_step}{first}; triggered by {status.halt_reason}")
     else:
         lines.append("not halted")
     if summary.HasField("primary"):

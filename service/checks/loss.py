@@ -58,8 +58,9 @@ def _sigmoid_bce_finding(leaf: pb.ModuleCall, loss_function: str, where: Where) 
     layer = leaf.name or "<root>"
     message = (
         f"The model ends in Sigmoid '{layer}' and the loss is {loss_function}, which takes log(p) "
-        f"and log(1 - p) of the Sigmoid output: once a logit passes about 17 in float32, p rounds "
-        f"to exactly 1.0, the log term hits its clamp of -100 and the gradient vanishes or blows up."
+        f"and log(1 - p) of the Sigmoid output. Once a logit passes about 17 in float32, p rounds "
+        f"to exactly 1.0 and log(1 - p) is -inf: nn.BCELoss clamps it to -100 and the gradient "
+        f"vanishes, a hand-written BCE turns the loss and gradients into inf or NaN."
     )
     fix = (
         f"Drop the Sigmoid '{layer}' from the model and replace {loss_function} with "
