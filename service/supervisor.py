@@ -91,7 +91,9 @@ class Supervisor:
                 f"rank {request.rank} of run {request.run_id!r} is already connected from client "
                 f"{state.client_id}; each rank must use its own rank number",
             )
-        if state.client_id != request.client_id:
+        if state.client_id == request.client_id:
+            logger.info("rank reconnected run=%s rank=%d client=%s", request.run_id, request.rank, request.client_id)
+        else:
             state.last_step = -1  # a new process for this rank (for example after a restart) starts over
         state.client_id = request.client_id
         state.host = request.host
