@@ -72,6 +72,9 @@ class Watcher:
             $NANWATCH_HALT_EXIT_CODE or 42.
         flush_timeout_s: how long a halt waits for the service's acknowledgement, and
             how long close() waits to send the buffered reports.
+        install_hooks: register the optimizer step hooks and the loss-module hook. False
+            when the caller forwards torch's global hooks to step_pre_hook and
+            step_post_hook itself, as ``nanwatch run`` does.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Watcher:
         max_queued_reports: int = 1024,
         halt_exit_code: int | None = None,
         flush_timeout_s: float = 3.0,
+        install_hooks: bool = True,
     ) -> None:
         # Validate everything before installing any hook or thread.
         _check_types(model, optimizer, loss_fn)
@@ -123,12 +127,14 @@ class Watcher:
         self._step = 0
         self._halt: HaltDecision | None = None
         self._closed = False
-        self._handles = [
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step_post),
-        ]
-        if isinstance(loss_fn, nn.Module):
-            self._handles.append(loss_fn.register_forward_hook(self._on_loss_forward))
+        self._handles = []
+        if install_hooks:
+            self._handles += [
+                optimizer.register_step_pre_hook(self.step_pre_hook),
+                optimizer.register_step_post_hook(self.step_post_hook),
+            ]
+            if isinstance(loss_fn, nn.Module):
+                self._handles.append(loss_fn.register_forward_hook(self._on_loss_forward))
 
         # Background senders.
         self._sender = ReportSender(endpoint=self._endpoint, register_request=request,
@@ -220,7 +226,8 @@ class Watcher:
         if isinstance(output, torch.Tensor):
             self.observe_loss(output)
 
-    def _on_step_pre(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
+    def step_pre_hook(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
+        """Check the step before the update; raise HaltError when it is poisoned (an optimizer step pre-hook)."""
         if self._halt is not None:
             raise self._halt_error(self._halt)
         outcome = self._checker.check(self._step, self._sender.halt_signal)
@@ -228,7 +235,8 @@ class Watcher:
         if outcome.halt is not None:
             self._stop(outcome.halt)
 
-    def _on_step_post(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
+    def step_post_hook(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
+        """Count the applied update and measure the parameters after it (an optimizer step post-hook)."""
         self._step += 1
         self._checker.after_update()
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from nanwatch.cli import remote
+from nanwatch.cli.run import add_run_parser
 from nanwatch.endpoint import ENDPOINT_ENV, default_endpoint
 
 EXIT_USAGE = 2
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     halt.add_argument("--reason", required=True, help="why the run is halted; shown on every rank")
     halt.add_argument("--endpoint", default=None, help=endpoint_help)
 
+    add_run_parser(commands)
+
     demo = commands.add_parser("demo", help="train on scikit-learn digits under torchrun with a planted fault")
     demo.add_argument("--fault", choices=["none", "data", "lr", "loss"], default="lr", help="fault to plant (default lr)")
     demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
@@ -66,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nanwatch.cli.serve import run_serve
 
         return run_serve(args)
+    if args.command == "run":
+        from nanwatch.cli.run import run_command
+
+        return run_command(args)
     if args.command == "demo":
         from nanwatch.cli.demo import run_demo_command
 

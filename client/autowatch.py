@@ -1,0 +1,216 @@
+"""Zero-code watching: torch's global hooks attach a Watcher to every optimizer a process steps.
+
+``nanwatch run`` starts the training command with this module installed in
+every Python process (see nanwatch/bootstrap/sitecustomize.py). No line of the
+training script changes:
+
+- the root module call (a module forward that runs while no other module
+  forward is running) gives the model and its tensor inputs, taken as the batch;
+- a loss module (``nn.modules.loss._Loss``) called at the root gives the loss
+  function's name and the targets;
+- the scalar tensor on which ``backward()`` is called is taken as the loss;
+- the first ``optimizer.step()`` of each optimizer creates its Watcher, with the
+  root module that owns the optimizer's parameters as the model.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanwatch.bootstrap import AUTOWATCH_ENV, RUN_DIR_ENV
+from nanwatch.client.watcher import Watcher
+from nanwatch.errors import HaltError
+
+logger = logging.getLogger(__name__)
+
+# Recent root modules searched for the owner of an optimizer's parameters.
+MAX_ROOT_CANDIDATES = 8
+
+
+class AutoWatch:
+    """Feeds torch's global module, optimizer and backward hooks into one Watcher per optimizer.
+
+    Example:
+        AutoWatch(run_dir=Path("/tmp/run")).install()   # what nanwatch run does in each process
+    """
+
+    def __init__(self, *, run_dir: Path | None = None) -> None:
+        self.run_dir = run_dir
+        self._depth = 0
+        self._roots: list[weakref.ref[nn.Module]] = []
+        self._watchers: dict[int, Watcher] = {}
+        # Optimizers whose parameters no seen module owns; they are not watched.
+        self._unwatched: set[int] = set()
+        self._watcher_by_root: dict[int, Watcher] = {}
+        self._current: Watcher | None = None
+        self._loss_name: str | None = None
+        # Batch tensors and losses seen before the first optimizer step created a Watcher.
+        self._pending_batch: dict[str, torch.Tensor] = {}
+        self._pending_loss: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self._original_backward: Any = None
+
+    def install(self) -> None:
+        """Register the global hooks and wrap Tensor.backward; close every Watcher at exit."""
+        from torch.nn.modules import module as modules
+        from torch.optim import optimizer as optimizers
+
+        self._handles = [
+            modules.register_module_forward_pre_hook(self._on_forward_pre),
+            modules.register_module_forward_hook(self._on_forward, always_call=True),
+            optimizers.register_optimizer_step_pre_hook(self._on_step_pre),
+            optimizers.register_optimizer_step_post_hook(self._on_step_post),
+        ]
+        self._wrap_backward()
+        atexit.register(self.close)
+        logger.debug("nanwatch autowatch installed in pid %d", os.getpid())
+
+    def close(self) -> None:
+        """Close every Watcher, sending their buffered reports."""
+        for watcher in list(self._watchers.values()):
+            watcher.close()
+
+    # ---- module hooks ----
+
+    def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._depth += 1
+        if self._depth != 1:
+            return
+        try:
+            if isinstance(module, nn.modules.loss._Loss):
+                self._on_loss_call(module, args)
+            else:
+                self._on_root_call(module, args)
+        except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+            logger.exception("nanwatch autowatch: failed to observe a forward call of %s", type(module).__name__)
+
+    def _on_forward(self, unused_module: nn.Module, unused_args: tuple[Any, ...], unused_output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+
+    def _on_root_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._remember_root(module)
+        tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+        names = ["inputs"] if len(tensors) == 1 else [f"inputs{index}" for index in range(len(tensors))]
+        watcher = self._watcher_by_root.get(id(module))
+        self._check_batch(watcher, dict(zip(names, tensors)))
+
+    def _on_loss_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._loss_name = type(module).__name__
+        if len(args) >= 2 and isinstance(args[1], torch.Tensor):
+            self._check_batch(self._current, {"targets": args[1]})
+
+    def _remember_root(self, module: nn.Module) -> None:
+        if any(ref() is module for ref in self._roots):
+            return
+        self._roots.append(weakref.ref(module))
+        del self._roots[:-MAX_ROOT_CANDIDATES]
+
+    def _check_batch(self, watcher: Watcher | None, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        if watcher is None:
+            self._pending_batch.update(tensors)
+            return
+        watcher.check_batch(**tensors)
+
+    # ---- backward ----
+
+    def _wrap_backward(self) -> None:
+        original = torch.Tensor.backward
+        autowatch = self
+
+        def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            autowatch._observe_backward(tensor)
+            return original(tensor, *args, **kwargs)
+
+        backward.__doc__ = original.__doc__
+        self._original_backward = original
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+
+    def _observe_backward(self, tensor: torch.Tensor) -> None:
+        if tensor.numel() != 1:
+            return
+        loss = tensor.detach()
+        if self._current is None:
+            self._pending_loss = loss
+        else:
+            self._current.observe_loss(loss)
+
+    # ---- optimizer hooks ----
+
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._unwatched:
+            return
+        watcher = self._watchers.get(id(optimizer)) or self._create_watcher(optimizer)
+        if watcher is None:
+            return
+        self._current = watcher
+        try:
+            watcher.step_pre_hook(optimizer, args, kwargs)
+        except HaltError as halt:
+            self._write_halt_marker(watcher, halt)
+            raise
+
+    def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        watcher = self._watchers.get(id(optimizer))
+        if watcher is not None:
+            watcher.step_post_hook(optimizer, args, kwargs)
+
+    def _create_watcher(self, optimizer: torch.optim.Optimizer) -> Watcher | None:
+        model = self._find_owner(optimizer)
+        if model is None:
+            logger.warning("nanwatch autowatch: no module owns the parameters of %s; it is not watched",
+                           type(optimizer).__name__)
+            self._unwatched.add(id(optimizer))
+            return None
+        watcher = Watcher(model, optimizer, self._loss_name, install_hooks=False)
+        self._watchers[id(optimizer)] = watcher
+        self._watcher_by_root[id(model)] = watcher
+        self._replay_pending(watcher)
+        return watcher
+
+    def _find_owner(self, optimizer: torch.optim.Optimizer) -> nn.Module | None:
+        wanted = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        for ref in reversed(self._roots):
+            module = ref()
+            if module is not None and any(id(param) in wanted for param in module.parameters()):
+                return module
+        return None
+
+    def _replay_pending(self, watcher: Watcher) -> None:
+        if self._pending_batch:
+            watcher.check_batch(**self._pending_batch)
+            self._pending_batch = {}
+        if self._pending_loss is not None:
+            watcher.observe_loss(self._pending_loss)
+            self._pending_loss = None
+
+    def _write_halt_marker(self, watcher: Watcher, halt: HaltError) -> None:
+        """Leave a file for ``nanwatch run``, which re-issues the halt exit code after torchrun exits 1."""
+        if self.run_dir is None:
+            return
+        marker = self.run_dir / f"halt-{os.getpid()}.json"
+        try:
+            marker.write_text(json.dumps({"run_id": watcher.run_id, "step": halt.step, "reason": halt.reason,
+                                          "source": halt.source, "exit_code": halt.exit_code}))
+        except OSError as error:
+            logger.warning("nanwatch autowatch: cannot write the halt marker %s: %s", marker, error)
+
+
+def install_from_environment() -> AutoWatch | None:
+    """Install AutoWatch when $NANWATCH_AUTOWATCH is 1; return it, or None."""
+    if os.environ.get(AUTOWATCH_ENV) != "1":
+        return None
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    autowatch = AutoWatch(run_dir=Path(run_dir) if run_dir else None)
+    autowatch.install()
+    return autowatch
