@@ -97,6 +97,8 @@ class AutoWatch:
         self._depth = max(self._depth - 1, 0)
 
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # NOTE: torch's global forward pre-hook receives positional arguments only, so the
+        # inputs of a model called with keywords alone (model(input_ids=...)) go unchecked.
         self._remember_root(module)
         tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
         names = ["inputs"] if len(tensors) == 1 else [f"inputs{index}" for index in range(len(tensors))]

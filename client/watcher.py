@@ -22,7 +22,7 @@ from nanwatch.client.settings import (
 from nanwatch.client.step_check import HaltDecision, StepChecker, StepContext
 from nanwatch.client.summaries import summarize_batch_tensor
 from nanwatch.client.trace import ForwardTrace
-from nanwatch.endpoint import default_endpoint
+from nanwatch.endpoint import default_endpoint, validate_endpoint
 from nanwatch.errors import HaltError, halt_exit_code as env_halt_exit_code
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Watcher:
         self._flush_timeout_s = flush_timeout_s
         self._rank, world_size = resolve_rank_and_world_size(rank, world_size, process_group)
         self._run_id = resolve_run_id(run_id, process_group)
-        self._endpoint = endpoint or default_endpoint()
+        self._endpoint = validate_endpoint(endpoint or default_endpoint())
         amp = build_amp_info(resolve_amp_dtype(amp_dtype), grad_scaler)
 
         # Facts for registration.

@@ -80,7 +80,8 @@ class ServiceMetrics:
         self.loss.labels(*labels).set(report.loss)
         self.grad_norm.labels(*labels).set(report.grad_norm)
         self.step.labels(*labels).set(report.step)
-        self.loss_scale.labels(*labels).set(report.loss_scale)
+        if report.loss_scale > 0:  # 0 means the rank uses no GradScaler
+            self.loss_scale.labels(*labels).set(report.loss_scale)
 
     def observe_finding(self, finding: pb.Finding) -> None:
         self.findings.labels(

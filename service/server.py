@@ -111,6 +111,9 @@ async def start_service(config: ServiceConfig) -> RunningService:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # Without this, Linux lets a second service bind the same port and the two
+            # split the clients between their stores.
+            ("grpc.so_reuseport", 0),
         ]
     )
     pb_grpc.add_NanwatchServicer_to_server(NanwatchServicer(supervisor), server)
@@ -120,13 +123,25 @@ async def start_service(config: ServiceConfig) -> RunningService:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    grpc_port = server.add_insecure_port(f"{_bracket(config.host)}:{config.grpc_port}")
-    if grpc_port == 0:
-        raise OSError(f"cannot bind the gRPC port {config.host}:{config.grpc_port}; is it in use?")
+    address = f"{_bracket(config.host)}:{config.grpc_port}"
+    try:
+        grpc_port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        store.close()
+        raise OSError(f"cannot bind the gRPC port {address}: {error}; is another service using it?") from None
     await server.start()
 
-    metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    try:
+        metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    except OSError as error:
+        await server.stop(None)
+        store.close()
+        raise OSError(
+            f"cannot bind the metrics port {config.host}:{config.metrics_port}: {error.strerror}; "
+            "pick another --metrics-port"
+        ) from None
     metrics_port = metrics_http.server_port
+    supervisor.restore_metrics()
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(

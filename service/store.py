@@ -235,6 +235,10 @@ class Store:
             )
         return cursor.rowcount == 1
 
+    def update_halt_step(self, run_id: str, step: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE halts SET step = ? WHERE run_id = ?", (step, run_id))
+
     def get_halt(self, run_id: str) -> HaltRecord | None:
         with self._lock:
             row = self._db.execute(

@@ -52,6 +52,11 @@ class Supervisor:
         self.live = LiveRuns()
         self.max_batch_bytes = max_batch_bytes
 
+    def restore_metrics(self, recent_runs: int = 1000) -> None:
+        """Set the halted gauge of the most recent stored runs, so dashboards survive a restart."""
+        for run in self.store.list_runs(recent_runs):
+            self.metrics.observe_run(run.run_id, halted=self.store.get_halt(run.run_id) is not None)
+
     # ---- registration ----
 
     def register(self, request: pb.RegisterRankRequest) -> pb.RegisterRankResponse:
@@ -122,6 +127,7 @@ class Supervisor:
 
     def close_stream(self, run_id: str, rank: int, outbox: asyncio.Queue[pb.Signal | None]) -> None:
         self.live.disconnect(run_id, rank, outbox)
+        self._persist_progress(run_id)
         self.metrics.active_streams.set(self.live.connected_count())
         logger.info("stream closed run=%s rank=%d", run_id, rank)
 
@@ -141,6 +147,7 @@ class Supervisor:
         if report.halted_locally:
             self._halt(run, step=report.step, first_rank=rank, source=HALT_SOURCE_CLIENT,
                        reason=f"rank {rank} stopped at step {report.step} on its own checks")
+            self._record_stop_step(run.run_id, report.step)
         if report.forward_trace or report.step % 50 == 0 or recorded:
             self._persist_progress(run.run_id)
         self.metrics.report_seconds.observe(time.perf_counter() - started)
@@ -197,8 +204,11 @@ class Supervisor:
         previous = self.store.get_halt(request.run_id)
         if previous is not None:
             return pb.HaltRunResponse(halt=_halt_signal(previous), already_halted=True)
+        reason = request.reason.strip()
+        if not reason:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "reason is empty; say why the run is halted (it is shown on every rank)")
         run = self.live.ensure(request.run_id, stored.world_size)
-        reason = request.reason.strip() or "no reason given"
         step = max(run.max_step() + 1, stored.last_step + 1, 0)
         self._halt(run, step=step, first_rank=-1, source=HALT_SOURCE_OPERATOR, reason=f"operator halt: {reason}")
         halt = self.store.get_halt(request.run_id)
@@ -309,10 +319,23 @@ class Supervisor:
             return
         self.metrics.observe_halt(run.run_id, source)
         sent = self.live.broadcast(run.run_id, _halt_signal(record))
-        logger.error(
+        self._persist_progress(run.run_id)
+        log = logger.warning if source == HALT_SOURCE_OPERATOR else logger.error
+        log(
             "halt run=%s step=%d source=%s first_rank=%d ranks_signalled=%d: %s",
             run.run_id, step, source, first_rank, sent, reason,
         )
+
+    def _record_stop_step(self, run_id: str, step: int) -> None:
+        """Move a service or operator halt to the step at which the ranks actually stopped.
+
+        Such a halt asks the ranks to stop at the first step they reach at or after the
+        requested one, and reports lag behind training, so a rank may stop a step or two later.
+        """
+        halt = self.store.get_halt(run_id)
+        if halt is not None and step > halt.step:
+            self.store.update_halt_step(run_id, step)
+            logger.info("halt run=%s: ranks stopped at step %d (requested %d)", run_id, step, halt.step)
 
     def _persist_progress(self, run_id: str) -> None:
         live = self.live.get(run_id)

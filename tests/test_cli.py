@@ -121,3 +121,28 @@ def test_unreachable_service_message() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "cannot reach the nanwatch service" in result.stderr
+
+
+def test_invalid_endpoint_usage_error() -> None:
+    result = subprocess.run([*NANWATCH, "runs", "--endpoint", "http://127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "invalid endpoint" in result.stderr
+    assert "HOST:PORT" in result.stderr
+
+
+def test_halt_empty_reason_usage_error(service: object) -> None:
+    result = subprocess.run([*NANWATCH, "halt", "some-run", "--reason", "", "--endpoint",
+                             service.endpoint],  # type: ignore[attr-defined]
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--reason is empty" in result.stderr
+
+
+def test_serve_metrics_port_in_use(service: object, tmp_path: Path) -> None:
+    port = service.running.metrics_port  # type: ignore[attr-defined]
+    result = subprocess.run([*NANWATCH, "serve", "--grpc-port", "0", "--metrics-port", str(port),
+                             "--db", str(tmp_path / "busy.db")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"cannot bind the metrics port 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(commands)
 
     demo = commands.add_parser("demo", help="train on scikit-learn digits under torchrun with a planted fault")
-    demo.add_argument("--fault", choices=["none", "data", "lr", "loss"], default="lr", help="fault to plant (default lr)")
+    demo.add_argument("--fault", choices=["none", "data", "lr", "loss"], default="lr",
+                      help="fault to plant: none, a NaN pixel (data), a far too high learning rate (lr), "
+                           "sigmoid with a hand-written BCE (loss); default lr")
     demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     demo.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     demo.add_argument("--endpoint", default=None, help="use this service instead of starting a local one")
@@ -61,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of stdout went away (as with `| head`); stop quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

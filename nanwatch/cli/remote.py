@@ -10,7 +10,7 @@ import sys
 import grpc
 
 from nanwatch.cli.report import render_runs, render_status, status_to_json, summary_to_json
-from nanwatch.endpoint import default_endpoint
+from nanwatch.endpoint import default_endpoint, validate_endpoint
 from nanwatch.v1 import nanwatch_pb2 as pb
 from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
 
@@ -18,10 +18,19 @@ logger = logging.getLogger(__name__)
 
 DEADLINE_S = 10.0
 EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
 
 
 def run_remote_command(args: argparse.Namespace) -> int:
-    endpoint = args.endpoint or default_endpoint()
+    try:
+        endpoint = validate_endpoint(args.endpoint or default_endpoint())
+    except ValueError as error:
+        print(f"nanwatch {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "halt" and not args.reason.strip():
+        print("nanwatch halt: --reason is empty; say why the run is halted (it is shown on every rank)",
+              file=sys.stderr)
+        return EXIT_USAGE
     with grpc.insecure_channel(endpoint) as channel:
         stub = pb_grpc.NanwatchStub(channel)
         try:

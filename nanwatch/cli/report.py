@@ -120,7 +120,7 @@ def render_status(status: pb.RunStatus) -> str:
         lines.append("findings:")
         for finding in status.findings:
             lines.append(f"- [{severity_name(finding.severity)}] stage {finding.stage} {finding.code} "
-                         f"(rank {finding.evidence.rank}, step {finding.evidence.step}): {finding.message}")
+                         f"(rank {finding.evidence.rank}, {_step_text(finding.evidence.step)}): {finding.message}")
             lines.append(f"  fix: {finding.fix}")
     return "\n".join(lines)
 
@@ -131,7 +131,7 @@ def render_runs(runs: list[pb.RunSummary]) -> str:
             run.run_id,
             str(run.world_size),
             str(run.last_step),
-            f"halted at {run.halt_step}" if run.halted else "running or ended",
+            f"halted at {run.halt_step}" if run.halted else "not halted",
             str(run.finding_count),
             f"{run.primary.code} (stage {run.primary.stage})" if run.HasField("primary") else "-",
         ]
@@ -144,6 +144,10 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
+
+
+def _step_text(step: int) -> str:
+    return "before step 0" if step < 0 else f"step {step}"
 
 
 def _check_to_json(check: pb.CheckResult) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import grpc
 
 from nanwatch.bootstrap import AUTOWATCH_ENV, BOOTSTRAP_DIR, RUN_DIR_ENV
 from nanwatch.cli.report import render_status, status_to_json
-from nanwatch.endpoint import ENDPOINT_ENV
+from nanwatch.endpoint import ENDPOINT_ENV, validate_endpoint
 from nanwatch.errors import HALT_EXIT_CODE_ENV, halt_exit_code
 from nanwatch.run_id import RUN_ID_ENV, validate_run_id
 from nanwatch.v1 import nanwatch_pb2 as pb
@@ -68,6 +68,8 @@ def run_command(args: argparse.Namespace, out: TextIO = sys.stderr) -> int:
     try:
         run_id = validate_run_id(args.run_id or os.environ.get(RUN_ID_ENV) or _new_run_id())
         exit_code = args.halt_exit_code if args.halt_exit_code is not None else halt_exit_code()
+        if args.endpoint:
+            validate_endpoint(args.endpoint)
     except ValueError as error:
         print(f"nanwatch run: {error}", file=out)
         return EXIT_USAGE

@@ -28,5 +28,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         logger.error("invalid setting: %s", error)
         return 2
-    serve(config)
+    try:
+        serve(config)
+    except OSError as error:
+        logger.error("cannot start the service: %s", error)
+        return 2
     return 0

@@ -157,6 +157,7 @@ def test_restart_keeps_runs_findings_halts(tmp_path: Path) -> None:
         after = stub.GetRunStatus(pb.GetRunStatusRequest(run_id="keep-1"), timeout=DEADLINE_S)
         assert after.summary.halted
         assert after.summary.halt_step == 1
+        assert after.summary.last_step == 1
         assert [finding.id for finding in after.findings] == [finding.id for finding in before.findings]
         assert after.summary.primary.code == before.summary.primary.code
         listed = stub.ListRuns(pb.ListRunsRequest(), timeout=DEADLINE_S)
@@ -283,3 +284,54 @@ def _wait_for_step(stub: pb_grpc.NanwatchStub, run_id: str, step: int) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"run {run_id} did not reach step {step}")
+
+
+def test_operator_halt_records_actual_stop_step(stub: pb_grpc.NanwatchStub) -> None:
+    stub.RegisterRank(registration("op-2"), timeout=DEADLINE_S)
+    stream = WatchStream(stub, "op-2", 0)
+    stream.send(report(0))
+    _wait_for_step(stub, "op-2", 0)
+    requested = stub.HaltRun(pb.HaltRunRequest(run_id="op-2", reason="stop"), timeout=DEADLINE_S).halt.halt_step
+    assert requested == 1
+    stream.next_signal()
+    # The rank was already further on when the signal arrived and stopped at step 3.
+    stopped = report(3)
+    stopped.halted_locally = True
+    stream.send(stopped)
+    stream.close()
+    status = stub.GetRunStatus(pb.GetRunStatusRequest(run_id="op-2"), timeout=DEADLINE_S)
+    assert status.summary.halt_step == 3
+
+
+def test_operator_halt_empty_reason_rejected(stub: pb_grpc.NanwatchStub) -> None:
+    stub.RegisterRank(registration("op-3"), timeout=DEADLINE_S)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.HaltRun(pb.HaltRunRequest(run_id="op-3", reason="  "), timeout=DEADLINE_S)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reason" in raised.value.details()
+
+
+def test_second_service_same_port_fails(service: object, tmp_path: Path) -> None:
+    port = service.running.grpc_port  # type: ignore[attr-defined]
+    config = ServiceConfig(grpc_port=port, metrics_port=0, db_path=str(tmp_path / "other.db"))
+    with pytest.raises(OSError, match=f"gRPC port 127.0.0.1:{port}"):
+        BackgroundService(config).start()
+
+
+def test_metrics_port_in_use_fails(service: object, tmp_path: Path) -> None:
+    port = service.running.metrics_port  # type: ignore[attr-defined]
+    config = ServiceConfig(grpc_port=0, metrics_port=port, db_path=str(tmp_path / "other.db"))
+    with pytest.raises(OSError, match=f"metrics port 127.0.0.1:{port}"):
+        BackgroundService(config).start()
+
+
+def test_restart_restores_halted_gauge(tmp_path: Path) -> None:
+    config = ServiceConfig(grpc_port=0, metrics_port=0, db_path=str(tmp_path / "gauge.db"), grace_s=0.5)
+    with BackgroundService(config) as first, grpc.insecure_channel(first.endpoint) as channel:
+        stub = pb_grpc.NanwatchStub(channel)
+        stub.RegisterRank(registration("gauge-1"), timeout=DEADLINE_S)
+        stub.HaltRun(pb.HaltRunRequest(run_id="gauge-1", reason="stop"), timeout=DEADLINE_S)
+    with BackgroundService(config) as second:
+        with urllib.request.urlopen(second.metrics_url, timeout=DEADLINE_S) as response:
+            text = response.read().decode()
+    assert 'nanwatch_run_halted{run_id="gauge-1"} 1.0' in text
