@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanwatch.client import local_checks
+from nanwatch.client import local_checks, observers
 from nanwatch.client.agreement import Agreement
 from nanwatch.client.facts import NamedParameter, as_float
 from nanwatch.client.local_checks import Reason
@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # Names of non-finite gradients or parameters shown in a halt reason.
 MAX_NAMES_IN_REASON = 5
+# The update norm ||delta w|| is measured on every this-many-th step: a copy of the
+# parameters exists only during those steps.
+UPDATE_NORM_EVERY = 10
 
 
 @dataclass(kw_only=True)
@@ -52,6 +55,8 @@ class _Measurement:
     parts: list[torch.Tensor] = field(default_factory=list)
     grad_indices: list[int] = field(default_factory=list)
     entries: list[BatchEntry] = field(default_factory=list)
+    extras: dict[str, int] = field(default_factory=dict)
+    """Index in parts of each optional value: "output_bad", "update_norm", "clip_total", "activations"."""
 
 
 @dataclass(kw_only=True)
@@ -80,10 +85,23 @@ class StepChecker:
         self._param_norms: torch.Tensor | None = None
         self._trace_sent = False
         self._logged_failure = False
+        self._snapshot: list[torch.Tensor] | None = None
+        self._step_index = 0
+        self._update_norm: torch.Tensor | None = None
+        self._clip: tuple[float, torch.Tensor] | None = None
+        self._param_ids = {id(param.tensor) for param in context.parameters}
+        observers.install()
+        observers.add_clip_listener(self)
+
+    def on_clip(self, tensors: Sequence[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+        """Record a clip_grad_norm_ call on this model's parameters (called by the observer)."""
+        if tensors and id(tensors[0]) in self._param_ids:
+            self._clip = (max_norm, total.detach())
 
     def check(self, step: int, halt_signal: pb.Signal | None) -> StepOutcome:
         """Return the report of step and, if any rank's checks fired, the halt decision."""
         halt_step = halt_signal.halt_step if halt_signal is not None else None
+        self._step_index = step
         service_due = local_checks.service_halt_due(halt_step, step)
         measurement = self._measure_safely(service_due)
         codes = self.context.agreement.exchange(measurement.code)
@@ -96,18 +114,36 @@ class StepChecker:
     def after_update(self) -> None:
         """Measure parameter norms after the update (read at the next step) and reset the step state."""
         self.state.reset()
+        self._clip = None
         try:
-            self._param_norms = foreach_norms([param.tensor for param in self.context.parameters])
+            params = [param.tensor for param in self.context.parameters]
+            self._param_norms = foreach_norms(params)
+            self._measure_update(params)
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             self._log_failure("measuring parameter norms")
             self._param_norms = None
+            self._snapshot = None
+
+    def _measure_update(self, params: list[torch.Tensor]) -> None:
+        """Turn the pre-step copy of the parameters into ||delta w||, read at the next step."""
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None:
+            return
+        deltas = torch._foreach_sub([param.detach() for param in params], snapshot)
+        self._update_norm = total_norm(foreach_norms(deltas))
+
+    def _take_snapshot(self, step: int, params: list[torch.Tensor]) -> None:
+        if step % UPDATE_NORM_EVERY == 0 and params:
+            self._snapshot = [param.detach().clone() for param in params]
 
     # ---- measure ----
 
     def _measure_safely(self, service_due: bool) -> _Measurement:
         service_code = int(Reason.SERVICE) if service_due else 0
         try:
-            return self._measure(service_code)
+            measurement = self._measure(service_code)
+            self._take_snapshot(self._step_index, [param.tensor for param in self.context.parameters])
+            return measurement
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             self._log_failure("measuring the step")
             return _Measurement(code=torch.tensor(service_code, dtype=torch.int64))
@@ -138,11 +174,33 @@ class StepChecker:
         entries = list(state.batch)
         parts = [loss, loss_bad, grad_total, param_total, grad_norms, param_norms, self._loss_scale(device)]
         parts += [entry.stats for entry in entries] + [entry.sample_mask for entry in entries]
-        return _Measurement(code=code, parts=parts, grad_indices=grad_indices, entries=entries)
+        measurement = _Measurement(code=code, parts=parts, grad_indices=grad_indices, entries=entries)
+        self._add_extras(measurement, device)
+        return measurement
+
+    def _add_extras(self, measurement: _Measurement, device: torch.device) -> None:
+        """Append the optional on-device values; they ride the same host transfer."""
+        extras: dict[str, torch.Tensor | None] = {
+            "output_bad": self.context.trace.take_output_flag() if self.context.trace is not None else None,
+            "update_norm": self._update_norm,
+            "clip_total": self._clip[1] if self._clip is not None else None,
+            "activations": self._pending_activations(),
+        }
+        self._update_norm = None
+        for name, value in extras.items():
+            if value is not None:
+                measurement.extras[name] = len(measurement.parts)
+                measurement.parts.append(value.to(device))
+
+    def _pending_activations(self) -> torch.Tensor | None:
+        trace = self.context.trace
+        if trace is None or not trace.finished or self._trace_sent:
+            return None
+        return trace.activation_stats()
 
     def _loss_scale(self, device: torch.device) -> torch.Tensor:
-        """Return the GradScaler scale as a tensor, or 0 without a scaler."""
-        scaler = self.context.grad_scaler
+        """Return the GradScaler scale as a tensor, or 0 without a scaler (given or seen in GradScaler.scale)."""
+        scaler = self.context.grad_scaler if self.context.grad_scaler is not None else observers.last_grad_scaler()
         # NOTE: GradScaler keeps its scale in the private _scale tensor; reading it avoids
         # the host synchronization of get_scale(). Without that attribute the scale reads 0.
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
@@ -201,25 +259,43 @@ class StepChecker:
     def _build_report(self, step: int, measurement: _Measurement, host: list[list[float]]) -> tuple[pb.StepReport, str]:
         (loss,), (loss_bad,), (grad_total,), (param_total,), grad_norms, param_norms, (scale,) = host[:7]
         entry_count = len(measurement.entries)
-        stats, masks = host[7 : 7 + entry_count], host[7 + entry_count :]
+        stats, masks = host[7 : 7 + entry_count], host[7 + entry_count : 7 + 2 * entry_count]
         names = [self.context.parameters[index].name for index in measurement.grad_indices]
 
+        extra = {name: host[index] for name, index in measurement.extras.items()}
         report = pb.StepReport(
             step=step, loss=loss, loss_finite=not loss_bad, grad_norm=grad_total, param_norm=param_total,
-            update_norm=math.nan, lr=_first_group_lr(self.context.optimizer), loss_scale=scale,
+            update_norm=extra["update_norm"][0] if "update_norm" in extra else math.nan,
+            lr=_first_group_lr(self.context.optimizer), loss_scale=scale,
             parameter_grad_norms=[pb.ParameterGradNorm(name=n, grad_norm=v) for n, v in zip(names, grad_norms)],
             nonfinite_grad_count=sum(1 for value in grad_norms if not math.isfinite(value)),
             batch=[build_tensor_summary(e, s, m) for e, s, m in zip(measurement.entries, stats, masks)],
         )
-        self._attach_trace(report)
+        self._attach_extras(report, extra)
+        self._attach_trace(report, extra.get("activations"))
         all_names = [param.name for param in self.context.parameters]
         return report, _describe_details(report, loss_bad > 0, names, grad_norms, all_names, param_norms)
 
-    def _attach_trace(self, report: pb.StepReport) -> None:
+    def _attach_extras(self, report: pb.StepReport, extra: dict[str, list[float]]) -> None:
+        if "output_bad" in extra:
+            report.output_checked = True
+            report.output_finite = not extra["output_bad"][0]
+        if "clip_total" in extra and self._clip is not None:
+            report.clip_max_norm = self._clip[0]
+            report.clip_total_norm = extra["clip_total"][0]
+
+    def _attach_trace(self, report: pb.StepReport, activation_values: list[float] | None) -> None:
         trace = self.context.trace
-        if trace is not None and trace.finished and not self._trace_sent:
-            report.forward_trace.extend(trace.calls)
-            self._trace_sent = True
+        if trace is None or not trace.finished or self._trace_sent:
+            return
+        report.forward_trace.extend(trace.calls)
+        report.autocast_dtype = trace.autocast_dtype
+        report.output_shape.extend(trace.output_shape)
+        if activation_values:
+            width = len(activation_values) // max(len(trace.activation_rows), 1)
+            rows = [activation_values[i : i + width] for i in range(0, len(activation_values), width)]
+            report.activations.extend(trace.build_activations(rows))
+        self._trace_sent = True
 
     def _log_failure(self, what: str) -> None:
         if not self._logged_failure:

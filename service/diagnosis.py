@@ -8,6 +8,12 @@ from nanwatch.v1 import nanwatch_pb2 as pb
 
 _STATIC_STAGES = (pb.STAGE_INITIALIZATION, pb.STAGE_LOSS, pb.STAGE_HYPERPARAMETERS)
 _SERIOUS = (pb.SEVERITY_WARNING, pb.SEVERITY_CRITICAL)
+# Warnings that describe a consequence or a quality problem, never the origin of a NaN/Inf:
+# a double softmax only slows learning, and clipping a non-finite norm only spreads it.
+NON_CAUSAL_CODES = frozenset({"LOSS_DOUBLE_SOFTMAX", "GRAD_CLIP_NONFINITE"})
+# Data warnings about the whole input distribution rank with the static causes, not with
+# the non-finite values of the failing batch.
+_DATA_DISTRIBUTION_CODES = frozenset({"DATA_NOT_NORMALIZED"})
 
 
 def choose_primary(findings: Sequence[pb.Finding], halt_step: int | None) -> pb.Finding | None:
@@ -16,21 +22,32 @@ def choose_primary(findings: Sequence[pb.Finding], halt_step: int | None) -> pb.
     The order follows the flow input -> initialization -> loss/activation ->
     hyperparameters -> gradients -> monitoring:
     1. a data finding (stage 1) at or before halt_step (any step when None);
-    2. the earliest-stage warning or critical finding of stages 2-4 (static causes);
+    2. the earliest-stage warning or critical finding of stages 2-4: first the static
+       causes from registration and the first forward pass, then run-time stage-3/4
+       causes (a log of 0 in the loss, a NaN born in backward, a huge update), then
+       a whole-input warning such as DATA_NOT_NORMALIZED;
     3. stage 5, then stage 6; findings after halt_step rank last.
     Within a tier, critical comes before warning, then the earliest step, then the
-    lowest rank. INFO findings are chosen only when nothing else exists.
+    lowest rank. INFO findings and NON_CAUSAL_CODES are chosen only when nothing else exists.
     """
     if not findings:
         return None
     return min(findings, key=lambda finding: _rank_key(finding, halt_step))
 
 
-def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, int, int, int, int]:
+def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, int, int, int, int, int]:
     evidence = finding.evidence
+    stage = int(finding.stage)
+    if finding.code in _DATA_DISTRIBUTION_CODES:
+        stage = int(pb.STAGE_MONITORING) + 1  # after every static cause of stages 2-4
+    tier = _tier(finding, halt_step)
+    # In tier 1 a static cause (step -1) explains a run-time stage-3/4 symptom, such as a
+    # forward overflow after a too-high learning rate grew the weights, so it comes first.
+    is_runtime = int(tier == 1 and evidence.step >= 0)
     return (
-        _tier(finding, halt_step),
-        int(finding.stage),
+        tier,
+        is_runtime,
+        stage,
         -int(finding.severity),
         evidence.step,
         evidence.rank,
@@ -38,12 +55,16 @@ def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, int, int
 
 
 def _tier(finding: pb.Finding, halt_step: int | None) -> int:
-    """Return 0 for data before the halt, 1 for static causes, 2 for the rest, 3 for late or INFO findings."""
-    if finding.severity not in _SERIOUS:
+    """Return 0 for data before the halt, 1 for stage 2-4 causes, 2 for the rest, 3 for late, INFO or non-causal findings."""
+    if finding.severity not in _SERIOUS or finding.code in NON_CAUSAL_CODES:
         return 3
     is_after_halt = halt_step is not None and finding.evidence.step > halt_step
+    if is_after_halt:
+        return 3
+    if finding.code in _DATA_DISTRIBUTION_CODES:
+        return 1
     if finding.stage == pb.STAGE_DATA:
-        return 3 if is_after_halt else 0
+        return 0
     if finding.stage in _STATIC_STAGES:
         return 1
-    return 3 if is_after_halt else 2
+    return 2

@@ -3,53 +3,39 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanwatch.service.checks import data, gradients, hyperparameters, initialization, loss, monitoring
+from nanwatch.service.checks import (
+    activations, data, data_values, gradient_trends, gradients, hyperparameters, initialization, loss,
+    loss_trends, loss_values, monitoring, updates,
+)
 from nanwatch.service.checks.catalog import Where
+from nanwatch.service.rank_state import RankState, RunState
 from nanwatch.service.thresholds import Thresholds
 from nanwatch.v1 import nanwatch_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 _INIT_CODES = ("INIT_NONFINITE", "INIT_ALL_ZERO", "INIT_CONSTANT", "INIT_SCALE")
-_LOSS_CODES = ("LOSS_SIGMOID_BCE", "LOSS_SOFTMAX_LOG")
-
-
-@dataclass
-class _RankState:
-    """Per-rank state kept between calls: loss function, clipping, gradient-norm history, flags."""
-
-    grad_norms: deque[float]
-    loss_function: str = ""
-    clipping: pb.ClippingInfo | None = None
-    is_trace_checked: bool = False
-    is_spike_reported: bool = False  # a GRAD_EXPLODING is out and the norm has not come back down
-    scaler_skips: int = 0  # consecutive steps with non-finite gradients under a GradScaler
-    is_param_nonfinite_reported: bool = False
-
-
-@dataclass
-class _RunState:
-    ranks: dict[int, _RankState] = field(default_factory=dict)
-    static_keys: set[tuple[str, str, str]] = field(default_factory=set)  # (code, tensor, layer)
-    evaluated: set[str] = field(default_factory=set)
+_LOSS_CODES = ("LOSS_SIGMOID_BCE", "LOSS_SOFTMAX_LOG", "LOSS_DOUBLE_SOFTMAX")
+_FIRST_FORWARD_CODES = ("ACT_SCALE_GROWTH", "ACT_SCALE_VANISH", "ACT_SATURATED", "FORWARD_NONFINITE",
+                        "LOSS_MASKED_SOFTMAX")
+_STEP_VALUE_CODES = ("LOSS_LOG_ZERO", "LOSS_UNDEFINED", "LOSS_BACKWARD_NONFINITE")
 
 
 class CheckEngine:
     """Runs the six staged checks (1 data, 2 initialization, 3 loss/activation, 4 hyperparameters, 5 gradients/clipping, 6 monitoring) and keeps per-run state in memory.
 
-    Static findings (stages 2-4) come back once per run, code, tensor and
-    layer, whichever rank reports them first. Dynamic findings come back at
-    most once per step, rank and tensor (a batch tensor checked both from its
-    summary and whole gives two). GRAD_EXPLODING comes back only on the first
-    step of a spike and PARAM_NONFINITE once per rank. Findings are ordered by stage; their id and created_unix_s are
-    left for the service to set. Methods are thread-safe.
+    Static findings (stages 2-4, and those of the first forward pass) come back
+    once per run, code, tensor and layer, whichever rank reports them first.
+    Dynamic findings come back at most once per step, rank and tensor; trend
+    findings (spikes, growth, update ratio, scale collapse, advice) once per
+    rank or once per spike. Findings are ordered by stage; their id and
+    created_unix_s are left for the service to set. Methods are thread-safe.
 
     Example:
         engine = CheckEngine(Thresholds(grad_explode_factor=50.0))
@@ -60,7 +46,7 @@ class CheckEngine:
 
     def __init__(self, thresholds: Thresholds | None = None) -> None:
         self._thresholds = thresholds if thresholds is not None else Thresholds()
-        self._runs: dict[str, _RunState] = {}
+        self._runs: dict[str, RunState] = {}
         # One lock for all runs: every check is cheap next to the RPC that carries it,
         # and check_batch scans its arrays outside the lock.
         self._lock = threading.Lock()
@@ -73,27 +59,34 @@ class CheckEngine:
         """Run the static stages 2 and 4, and 3 when the request carries a forward trace."""
         where = Where(run_id=request.run_id, rank=request.rank)
         with self._lock:
-            run = self._runs.setdefault(request.run_id, _RunState())
+            run = self._runs.setdefault(request.run_id, RunState())
+            if run.comparer is None and request.world_size > 0:
+                run.comparer = loss_trends.RankLossComparer(world_size=request.world_size)
             rank = self._rank_state(run, request.rank)
-            rank.loss_function = request.loss_function
-            rank.clipping = request.clipping if request.HasField("clipping") else None
+            rank.register(request)
             findings = self._check_initialization(run, request.parameters, where)
             findings += self._check_trace(run, rank, request.forward_trace, where)
             findings += self._check_hyperparameters(run, request, where)
+            findings += loss.check_bce_float16(rank.loss_function, rank.float16_source, where)
             return self._keep_new_static(run, findings)
 
     def check_report(self, run_id: str, rank: int, report: pb.StepReport) -> list[pb.Finding]:
-        """Run stage 1 on the batch summaries, 3 on a first forward trace, and stages 5 and 6."""
+        """Run every stage on one step report; see the module docstring for what each stage uses."""
         where = Where(run_id=run_id, rank=rank, step=report.step)
+        static_where = Where(run_id=run_id, rank=rank)
         with self._lock:
-            run = self._runs.setdefault(run_id, _RunState())
+            run = self._runs.setdefault(run_id, RunState())
             state = self._rank_state(run, rank)
-            findings = self._check_summaries(run, report, where)
-            static_where = Where(run_id=run_id, rank=rank)
-            findings += self._keep_new_static(run, self._check_trace(run, state, report.forward_trace, static_where))
+            static = self._check_trace(run, state, report.forward_trace, static_where)
+            static += self._check_first_forward(run, state, report, static_where)
+            findings = self._keep_new_static(run, static)
+            findings += self._check_summaries(run, state, report, where)
             findings += self._check_gradients(run, state, report, where)
             findings += self._check_parameters_after_update(run, state, report, where)
-            findings += self._check_loss(run, report, where)
+            findings += self._check_step_values(run, state, report, where)
+            findings += self._check_updates(run, state, report, where)
+            findings += self._check_loss(run, state, report, where)
+            findings += self._check_incident(run, state, report, where)
             return _by_stage(findings)
 
     def check_batch(
@@ -109,7 +102,7 @@ class CheckEngine:
         findings = data.check_batch_arrays(tensors, sample_ids, where, self._thresholds)
         if tensors:
             with self._lock:
-                self._runs.setdefault(run_id, _RunState()).evaluated.add("DATA_NONFINITE")
+                self._runs.setdefault(run_id, RunState()).evaluated.add("DATA_NONFINITE")
         return findings
 
     def evaluated_codes(self, run_id: str) -> set[str]:
@@ -123,15 +116,15 @@ class CheckEngine:
         with self._lock:
             self._runs.pop(run_id, None)
 
-    def _rank_state(self, run: _RunState, rank: int) -> _RankState:
+    def _rank_state(self, run: RunState, rank: int) -> RankState:
         if rank not in run.ranks:
-            run.ranks[rank] = _RankState(grad_norms=deque(maxlen=self._thresholds.grad_history))
+            run.ranks[rank] = RankState.create(self._thresholds)
         return run.ranks[rank]
 
     # ---- static stages ----
 
     def _check_initialization(
-        self, run: _RunState, parameters: Sequence[pb.ParameterInfo], where: Where
+        self, run: RunState, parameters: Sequence[pb.ParameterInfo], where: Where
     ) -> list[pb.Finding]:
         if not parameters:
             return []
@@ -139,8 +132,10 @@ class CheckEngine:
         return initialization.check_parameters(parameters, where, self._thresholds)
 
     def _check_trace(
-        self, run: _RunState, rank: _RankState, trace: Sequence[pb.ModuleCall], where: Where
+        self, run: RunState, rank: RankState, trace: Sequence[pb.ModuleCall], where: Where
     ) -> list[pb.Finding]:
+        if trace and not rank.layer_order:
+            rank.layer_order = [call.name for call in trace]
         # The loss function comes with registration and the trace may come later.
         if rank.is_trace_checked or not trace or not rank.loss_function:
             return []
@@ -148,8 +143,32 @@ class CheckEngine:
         run.evaluated.update(_LOSS_CODES)
         return loss.check_output_activation(trace, rank.loss_function, where)
 
+    def _check_first_forward(
+        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
+    ) -> list[pb.Finding]:
+        """Check what the client measured in the first forward pass; it rides the report with the trace."""
+        if rank.is_first_forward_checked or not (report.forward_trace or report.activations or report.output_shape):
+            return []
+        rank.is_first_forward_checked = True
+        rank.autocast_dtype = report.autocast_dtype or rank.autocast_dtype
+        shape = list(report.output_shape)
+        rank.num_classes = int(shape[1] if len(shape) >= 2 else shape[0] if shape else 0)
+        findings: list[pb.Finding] = []
+        if report.activations:
+            run.evaluated.update(_FIRST_FORWARD_CODES)
+            leaf = loss.last_leaf(report.forward_trace)
+            parameters_finite = report.param_norm == 0.0 or math.isfinite(report.param_norm)
+            findings += activations.check_activations(report.activations, leaf.name if leaf else None,
+                                                      where, self._thresholds, parameters_finite=parameters_finite)
+        if report.forward_trace:
+            run.evaluated.update(("AMP_NO_SCALER", "LOSS_BCE_FP16"))
+            has_scaler = bool(rank.amp is not None and rank.amp.grad_scaler) or report.loss_scale > 0.0
+            findings += hyperparameters.check_autocast_scaler(rank.autocast_dtype, has_scaler, where)
+            findings += loss.check_bce_float16(rank.loss_function, rank.float16_source, where)
+        return findings
+
     def _check_hyperparameters(
-        self, run: _RunState, request: pb.RegisterRankRequest, where: Where
+        self, run: RunState, request: pb.RegisterRankRequest, where: Where
     ) -> list[pb.Finding]:
         optimizer = request.optimizer
         findings = []
@@ -161,9 +180,13 @@ class CheckEngine:
             findings += hyperparameters.check_eps_for_float16(
                 optimizer, request.parameters, where, self._thresholds
             )
+        if optimizer.type:
+            run.evaluated.update(("WEIGHT_DECAY_EXTREME", "MOMENTUM_EXTREME"))
+            findings += hyperparameters.check_weight_decay(optimizer, where)
+            findings += hyperparameters.check_momentum(optimizer, where, self._thresholds)
         return findings
 
-    def _keep_new_static(self, run: _RunState, findings: Iterable[pb.Finding]) -> list[pb.Finding]:
+    def _keep_new_static(self, run: RunState, findings: Iterable[pb.Finding]) -> list[pb.Finding]:
         kept = []
         for finding in findings:
             key = (finding.code, finding.evidence.tensor, finding.evidence.layer)
@@ -174,19 +197,31 @@ class CheckEngine:
 
     # ---- dynamic stages ----
 
-    def _check_summaries(self, run: _RunState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
+    def _check_summaries(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
         if not report.batch:
             return []
-        run.evaluated.add("DATA_NONFINITE")
-        return data.check_batch_summaries(report.batch, where, self._thresholds)
+        run.evaluated.update(("DATA_NONFINITE", "DATA_NOT_NORMALIZED"))
+        findings = data.check_batch_summaries(report.batch, where, self._thresholds)
+        context = data_values.DataContext(num_classes=rank.num_classes, loss_function=rank.loss_function,
+                                          trains_in_float16=bool(rank.float16_source))
+        if rank.num_classes:
+            run.evaluated.add("DATA_TARGET_RANGE")
+        ranged = data_values.check_value_ranges(report.batch, context, where, self._thresholds)
+        # Range warnings repeat on every batch of the same source, so each comes once per tensor name.
+        findings += [f for f in ranged if f.severity == pb.SEVERITY_CRITICAL]
+        findings += self._keep_new_static(run, [f for f in ranged if f.severity != pb.SEVERITY_CRITICAL])
+        return findings
 
     def _check_gradients(
-        self, run: _RunState, rank: _RankState, report: pb.StepReport, where: Where
+        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
     ) -> list[pb.Finding]:
         run.evaluated.add("GRAD_NONFINITE")
+        if report.clip_max_norm > 0.0:
+            rank.observed_clip_max_norm = report.clip_max_norm
         if not gradients.has_nonfinite_gradient(report):
             rank.scaler_skips = 0
-            return self._check_spike(run, rank, report, where)
+            findings = self._check_spike(run, rank, report, where)
+            return findings + self._check_gradient_trends(run, rank, report, where)
         if report.loss_scale <= 0.0:
             return [gradients.nonfinite_gradient_finding(report, where, self._thresholds)]
 
@@ -200,7 +235,7 @@ class CheckEngine:
             report, where, self._thresholds, scaler_skips=rank.scaler_skips)]
 
     def _check_spike(
-        self, run: _RunState, rank: _RankState, report: pb.StepReport, where: Where
+        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
     ) -> list[pb.Finding]:
         limit = gradients.exploding_limit(rank.grad_norms, self._thresholds)
         rank.grad_norms.append(report.grad_norm)
@@ -208,30 +243,100 @@ class CheckEngine:
             return []
         run.evaluated.add("GRAD_EXPLODING")
         if report.grad_norm <= limit:
-            rank.is_spike_reported = False
+            rank.spike_streak = 0
             return []
-        if rank.is_spike_reported:
+        rank.spike_streak += 1
+        patience = self._thresholds.grad_spike_patience
+        if rank.spike_streak not in (1, patience):
             return []
-        rank.is_spike_reported = True
-        return [gradients.exploding_finding(report, limit, rank.clipping, where, self._thresholds)]
+        severity = pb.SEVERITY_WARNING if rank.spike_streak >= patience else pb.SEVERITY_INFO
+        return [gradients.exploding_finding(report, limit, rank.clipping, where, self._thresholds,
+                                            severity=severity, streak=rank.spike_streak)]
+
+    def _check_gradient_trends(
+        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
+    ) -> list[pb.Finding]:
+        findings = []
+        run.evaluated.add("GRAD_GROWTH")
+        if gradient_trends.is_growing(rank.grad_norms, self._thresholds) and rank.first_time("GRAD_GROWTH"):
+            findings.append(gradient_trends.growth_finding(rank.grad_norms, where, self._thresholds))
+        if len(rank.grad_norms) == self._thresholds.grad_warmup_steps and rank.weight_names:
+            run.evaluated.add("GRAD_LAYER_RATIO")
+            findings += gradient_trends.check_layer_ratio(report, rank.weight_names, where, self._thresholds)
+        return findings
 
     def _check_parameters_after_update(
-        self, run: _RunState, rank: _RankState, report: pb.StepReport, where: Where
+        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
     ) -> list[pb.Finding]:
         if report.param_norm == 0.0:
             return []  # the proto default: the client did not measure it
         run.evaluated.add("PARAM_NONFINITE")
-        is_new = not rank.is_param_nonfinite_reported
-        if not (is_new and gradients.has_nonfinite_parameters(report)):
+        if not gradients.has_nonfinite_parameters(report) or gradients.has_nonfinite_gradient(report):
+            return []  # GRAD_NONFINITE already explains non-finite parameters with non-finite gradients
+        if not rank.first_time("PARAM_NONFINITE"):
             return []
-        if gradients.has_nonfinite_gradient(report):
-            return []  # GRAD_NONFINITE already explains it
-        rank.is_param_nonfinite_reported = True
         return [gradients.nonfinite_parameters_finding(report, where)]
 
-    def _check_loss(self, run: _RunState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
-        run.evaluated.add("LOSS_NONFINITE")
-        return monitoring.check_loss(report, where)
+    def _check_step_values(
+        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
+    ) -> list[pb.Finding]:
+        if not report.output_checked:
+            return []
+        run.evaluated.update(_STEP_VALUE_CODES)
+        if rank.spike_streak > 0 or "GRAD_GROWTH" in rank.reported:
+            return []  # a gradient that was already exploding explains the non-finite step better
+        targets_checked = any(data_values.is_target_name(summary.name) for summary in report.batch)
+        facts = loss_values.StepFacts(batch_finite=_is_batch_finite(report), loss_function=rank.loss_function,
+                                      layer_order=rank.layer_order, clipping_enabled=rank.is_clipping,
+                                      targets_checked=targets_checked)
+        return loss_values.check_step_values(report, facts, where, self._thresholds)
+
+    def _check_updates(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
+        findings = []
+        if updates.update_ratio(report) is not None:
+            run.evaluated.add("UPDATE_RATIO_HIGH")
+            ratio = updates.check_update_ratio(report, where, self._thresholds)
+            if ratio and rank.first_time("UPDATE_RATIO_HIGH"):
+                findings += ratio
+        if report.loss_scale > 0.0:
+            run.evaluated.add("LOSS_SCALE_COLLAPSE")
+            collapse = updates.check_loss_scale(report, where, self._thresholds)
+            if collapse and rank.first_time("LOSS_SCALE_COLLAPSE"):
+                findings += collapse
+        return findings
+
+    def _check_loss(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
+        run.evaluated.update(("LOSS_NONFINITE", "LOSS_SPIKE", "LOSS_DIVERGING"))
+        findings = monitoring.check_loss(report, where)
+        findings += rank.loss_tracker.check(report, where, self._thresholds)
+        if run.comparer is not None and run.comparer.world_size >= 3:
+            run.evaluated.add("LOSS_RANK_OUTLIER")
+            findings += run.comparer.add(where.run_id, where.rank, report, self._thresholds)
+        return findings
+
+    def _check_incident(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
+        """Add the context of a non-finite step: constant batch tensors, the order of non-finite values, advice."""
+        if not report.output_checked:
+            return []  # a client that predates the output check sends too little to order the values
+        order = loss_trends.nonfinite_order(report, not _is_batch_finite(report))
+        gradient_bad = gradients.has_nonfinite_gradient(report) and report.loss_scale <= 0.0
+        if not order or (order == ["gradients"] and not gradient_bad):
+            return []  # nothing non-finite, or a GradScaler skip
+        findings = [data_values.constant_finding(summary, where)
+                    for summary in data_values.constant_tensors(report.batch)]
+        if not run.is_order_reported:
+            run.is_order_reported = True
+            findings.append(loss_trends.order_finding(order, where))
+        if gradient_bad and rank.is_clipping and rank.first_time("GRAD_CLIP_NONFINITE"):
+            findings.append(gradient_trends.clip_nonfinite_finding(report, rank.clip_max_norm, where))
+        if gradient_bad and not rank.is_clipping and rank.first_time("GRAD_NO_CLIPPING"):
+            healthy = [norm for norm in rank.grad_norms if norm > 0.0]
+            findings.append(gradient_trends.no_clipping_finding(healthy, "non-finite gradients", where))
+        return findings
+
+
+def _is_batch_finite(report: pb.StepReport) -> bool:
+    return all(summary.nan_count == 0 and summary.inf_count == 0 for summary in report.batch)
 
 
 def _by_stage(findings: list[pb.Finding]) -> list[pb.Finding]:

@@ -160,11 +160,12 @@ def serve(config: ServiceConfig) -> None:
 
 
 async def _serve(config: ServiceConfig) -> None:
-    service = await start_service(config)
+    # The handlers go in first: a SIGTERM that arrives while the ports open still drains.
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, signum, stop_requested)
+    service = await start_service(config)
     await stop_requested.wait()
     await service.stop()
 

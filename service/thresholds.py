@@ -41,6 +41,10 @@ class Thresholds:
     grad_warmup_steps: int = 10
     """Finite gradient norms a rank must have reported before GRAD_EXPLODING can fire."""
 
+    grad_spike_patience: int = 3
+    """GRAD_EXPLODING is info on the first step above the limit and a warning once the norm stays
+    above it this many steps in a row; a single spike that recovers is common in healthy runs."""
+
     grad_scaler_skip_limit: int = 10
     """Consecutive steps with non-finite gradients that a GradScaler may skip before GRAD_NONFINITE.
 
@@ -65,6 +69,59 @@ class Thresholds:
     subnormal in float16, and below 2**-25 it rounds to 0.
     """
 
+    update_ratio_max: float = 0.5
+    """UPDATE_RATIO_HIGH fires when ||delta w|| / ||w|| of one measured update is above this.
+
+    Usual training sits near 1e-3, but Adam's first steps move every element by
+    about lr, so a small net with lr 1e-2 reaches ratios near 0.1 (an estimate from
+    lr / RMS of the weights). NOTE: 0.5 kept the digits MLP (64-128-128-10, CPU)
+    silent with SGD lr 0.1 momentum 0.9, Adam lr 1e-3 and AdamW lr 1e-2 over 400
+    steps; the ratios themselves were not recorded, so the margin is unknown.
+    """
+
+    activation_growth_factor: float = 1000.0
+    """ACT_SCALE_GROWTH fires when a Linear/Conv output std in the first forward pass is this many
+    times the std of the first Linear/Conv output (activations grow with depth)."""
+
+    activation_vanish_factor: float = 1e-4
+    """ACT_SCALE_VANISH (info) fires when the last Linear/Conv output std is below this x the first one."""
+
+    saturated_fraction_max: float = 0.5
+    """ACT_SATURATED fires when more than this fraction of a Sigmoid/Tanh input is in its flat tails."""
+
+    input_abs_max: float = 1000.0
+    """DATA_NOT_NORMALIZED fires when a float input tensor (not a target) holds values above this in magnitude."""
+
+    loss_history: int = 100
+    """Number of recent finite losses per rank that the loss median and MAD are taken over."""
+
+    loss_warmup_steps: int = 20
+    """Finite losses a rank must have reported before LOSS_SPIKE or LOSS_DIVERGING can fire."""
+
+    loss_spike_mads: float = 20.0
+    """LOSS_SPIKE fires when loss > median + this x the scaled MAD of the recent losses (and > 2x median)."""
+
+    loss_diverge_patience: int = 10
+    """LOSS_DIVERGING fires when the loss stays above the spike limit for this many reports in a row."""
+
+    grad_growth_window: int = 8
+    """GRAD_GROWTH looks at this many recent finite gradient norms for a steady exponential rise."""
+
+    grad_growth_factor: float = 100.0
+    """GRAD_GROWTH fires when the norm rose every step of the window and by more than this factor in total."""
+
+    layer_grad_ratio_max: float = 1e4
+    """GRAD_LAYER_RATIO fires when the first Linear/Conv weight's grad norm is this many times the last one's."""
+
+    rank_outlier_factor: float = 10.0
+    """LOSS_RANK_OUTLIER fires when a rank's loss is this many times the typical spread away from the other ranks' median."""
+
+    rank_outlier_patience: int = 5
+    """Reports in a row that a rank's loss must be an outlier before LOSS_RANK_OUTLIER fires."""
+
+    loss_scale_min: float = 1.0
+    """LOSS_SCALE_COLLAPSE fires when the GradScaler scale falls below this (its default start is 65536)."""
+
     max_listed: int = 5
     """Maximum number of parameter names, sample indices or positions quoted in one message."""
 
@@ -80,11 +137,28 @@ class Thresholds:
             1 <= self.grad_warmup_steps <= self.grad_history,
             f"between 1 and grad_history ({self.grad_history})",
         )
+        _require(self, "grad_spike_patience", self.grad_spike_patience >= 1, ">= 1")
         _require(self, "grad_scaler_skip_limit", self.grad_scaler_skip_limit >= 1, ">= 1")
         _require(self, "init_scale_max_ratio", self.init_scale_max_ratio >= 1.0, ">= 1")
         _require(self, "init_scale_min_ratio", 0.0 < self.init_scale_min_ratio <= 1.0, "in (0, 1]")
         _require(self, "init_scale_min_numel", self.init_scale_min_numel >= 1, ">= 1")
         _require(self, "fp16_eps_min", self.fp16_eps_min > 0.0, "> 0")
+        _require(self, "update_ratio_max", self.update_ratio_max > 0.0, "> 0")
+        _require(self, "activation_growth_factor", self.activation_growth_factor > 1.0, "> 1")
+        _require(self, "activation_vanish_factor", 0.0 < self.activation_vanish_factor < 1.0, "in (0, 1)")
+        _require(self, "saturated_fraction_max", 0.0 < self.saturated_fraction_max <= 1.0, "in (0, 1]")
+        _require(self, "input_abs_max", self.input_abs_max > 0.0, "> 0")
+        _require(self, "loss_history", self.loss_history >= 3, ">= 3")
+        _require(self, "loss_warmup_steps", 1 <= self.loss_warmup_steps <= self.loss_history,
+                 f"between 1 and loss_history ({self.loss_history})")
+        _require(self, "loss_spike_mads", self.loss_spike_mads > 0.0, "> 0")
+        _require(self, "loss_diverge_patience", self.loss_diverge_patience >= 1, ">= 1")
+        _require(self, "grad_growth_window", self.grad_growth_window >= 3, ">= 3")
+        _require(self, "grad_growth_factor", self.grad_growth_factor > 1.0, "> 1")
+        _require(self, "layer_grad_ratio_max", self.layer_grad_ratio_max > 1.0, "> 1")
+        _require(self, "rank_outlier_factor", self.rank_outlier_factor > 1.0, "> 1")
+        _require(self, "rank_outlier_patience", self.rank_outlier_patience >= 1, ">= 1")
+        _require(self, "loss_scale_min", self.loss_scale_min > 0.0, "> 0")
         _require(self, "max_listed", self.max_listed >= 1, ">= 1")
 
     @classmethod

@@ -242,7 +242,7 @@ class ParameterGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "loss", "loss_finite", "grad_norm", "parameter_grad_norms", "nonfinite_grad_count", "param_norm", "update_norm", "lr", "loss_scale", "batch", "forward_trace", "halted_locally", "dropped_reports", "sent_unix_s")
+    __slots__ = ("step", "loss", "loss_finite", "grad_norm", "parameter_grad_norms", "nonfinite_grad_count", "param_norm", "update_norm", "lr", "loss_scale", "batch", "forward_trace", "halted_locally", "dropped_reports", "sent_unix_s", "activations", "autocast_dtype", "output_shape", "output_checked", "output_finite", "clip_max_norm", "clip_total_norm")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FINITE_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +258,13 @@ class StepReport(_message.Message):
     HALTED_LOCALLY_FIELD_NUMBER: _ClassVar[int]
     DROPPED_REPORTS_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    AUTOCAST_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FINITE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     loss_finite: bool
@@ -273,7 +280,36 @@ class StepReport(_message.Message):
     halted_locally: bool
     dropped_reports: int
     sent_unix_s: float
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., loss_finite: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., parameter_grad_norms: _Optional[_Iterable[_Union[ParameterGradNorm, _Mapping]]] = ..., nonfinite_grad_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_norm: _Optional[float] = ..., lr: _Optional[float] = ..., loss_scale: _Optional[float] = ..., batch: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., halted_locally: _Optional[bool] = ..., dropped_reports: _Optional[int] = ..., sent_unix_s: _Optional[float] = ...) -> None: ...
+    activations: _containers.RepeatedCompositeFieldContainer[LayerActivation]
+    autocast_dtype: str
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    output_checked: bool
+    output_finite: bool
+    clip_max_norm: float
+    clip_total_norm: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., loss_finite: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., parameter_grad_norms: _Optional[_Iterable[_Union[ParameterGradNorm, _Mapping]]] = ..., nonfinite_grad_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_norm: _Optional[float] = ..., lr: _Optional[float] = ..., loss_scale: _Optional[float] = ..., batch: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., halted_locally: _Optional[bool] = ..., dropped_reports: _Optional[int] = ..., sent_unix_s: _Optional[float] = ..., activations: _Optional[_Iterable[_Union[LayerActivation, _Mapping]]] = ..., autocast_dtype: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_checked: _Optional[bool] = ..., output_finite: _Optional[bool] = ..., clip_max_norm: _Optional[float] = ..., clip_total_norm: _Optional[float] = ...) -> None: ...
+
+class LayerActivation(_message.Message):
+    __slots__ = ("name", "type", "numel", "std", "max_abs", "nonfinite_count", "saturated_fraction", "input_nan_count", "input_inf_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_INF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    numel: int
+    std: float
+    max_abs: float
+    nonfinite_count: int
+    saturated_fraction: float
+    input_nan_count: int
+    input_inf_count: int
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., numel: _Optional[int] = ..., std: _Optional[float] = ..., max_abs: _Optional[float] = ..., nonfinite_count: _Optional[int] = ..., saturated_fraction: _Optional[float] = ..., input_nan_count: _Optional[int] = ..., input_inf_count: _Optional[int] = ...) -> None: ...
 
 class WatchStart(_message.Message):
     __slots__ = ("run_id", "rank", "client_id")

@@ -78,8 +78,11 @@ def exploding_finding(
     clipping: pb.ClippingInfo | None,
     where: Where,
     thresholds: Thresholds,
+    *,
+    severity: int = pb.SEVERITY_WARNING,
+    streak: int = 1,
 ) -> pb.Finding:
-    """Build the GRAD_EXPLODING finding for a report whose grad_norm is above limit."""
+    """Build the GRAD_EXPLODING finding for a report whose grad_norm is above limit for streak steps in a row."""
     median = limit / thresholds.grad_explode_factor
     ratio = report.grad_norm / median
     message = (
@@ -100,8 +103,10 @@ def exploding_finding(
         )
     values = {"grad_norm": format_number(report.grad_norm), "median": format_number(median),
               "ratio": format_number(ratio)}
-    return new_finding("GRAD_EXPLODING", pb.SEVERITY_WARNING, where, message=message, fix=fix,
-                       values=values)
+    if streak > 1:
+        message += f" It has stayed above the limit for {streak} steps in a row."
+        values["steps_above_limit"] = str(streak)
+    return new_finding("GRAD_EXPLODING", severity, where, message=message, fix=fix, values=values)
 
 
 def has_nonfinite_parameters(report: pb.StepReport) -> bool:

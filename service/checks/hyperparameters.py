@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from nanwatch.service.checks.catalog import Where, format_number, new_finding
@@ -122,3 +123,74 @@ def check_eps_for_float16(
               "float16_parameters": str(len(half_names))}
     return [new_finding("OPTIMIZER_EPS_FP16", pb.SEVERITY_WARNING, where, message=message, fix=fix,
                         tensor=half_names[0], values=values)]
+
+
+# Optimizers whose weight decay shrinks the weights directly by lr x weight_decay each step.
+_DECOUPLED_DECAY = frozenset({"sgd", "adamw", "lion", "asgd"})
+
+
+def check_weight_decay(optimizer: pb.OptimizerInfo, where: Where) -> list[pb.Finding]:
+    """Return WEIGHT_DECAY_EXTREME when lr x weight_decay >= 1 for an optimizer that shrinks weights by it.
+
+    Each step multiplies the weights by (1 - lr x weight_decay): at 1 they are
+    zeroed, above 1 they flip sign, and above 2 they grow without bound.
+    """
+    decay = optimizer.hyperparameters.get("weight_decay", 0.0)
+    product = optimizer.lr * decay
+    if optimizer.type.strip().lower() not in _DECOUPLED_DECAY or product < 1.0:
+        return []
+    outcome = "grow without bound" if product > 2.0 else "flip sign every step"
+    message = (
+        f"{optimizer.type} on rank {where.rank} has lr {format_number(optimizer.lr)} and weight_decay "
+        f"{format_number(decay)}: every step multiplies the weights by 1 - {format_number(product)}, so "
+        f"they {outcome}."
+    )
+    fix = (
+        f"Lower weight_decay from {format_number(decay)} to about {format_number(0.01 / max(optimizer.lr, 1e-12))} "
+        f"or less (lr x weight_decay near 1e-2 at most)."
+    )
+    values = {"lr": format_number(optimizer.lr), "weight_decay": format_number(decay),
+              "lr_x_weight_decay": format_number(product)}
+    return [new_finding("WEIGHT_DECAY_EXTREME", pb.SEVERITY_WARNING, where, message=message, fix=fix,
+                        values=values)]
+
+
+def check_momentum(optimizer: pb.OptimizerInfo, where: Where, thresholds: Thresholds) -> list[pb.Finding]:
+    """Return MOMENTUM_EXTREME when momentum >= 1, or lr / (1 - momentum) is far above the usual lr."""
+    momentum = optimizer.hyperparameters.get("momentum", 0.0)
+    usual_max = usual_max_lr(optimizer.type)
+    if momentum <= 0.0:
+        return []
+    if momentum >= 1.0:
+        effect = "the velocity never decays, so every gradient is added up forever and the steps grow"
+        effective = math.inf
+    else:
+        effective = optimizer.lr / (1.0 - momentum)
+        if usual_max is None or effective <= usual_max * thresholds.lr_far_above_factor:
+            return []
+        effect = f"the effective step size lr / (1 - momentum) is {format_number(effective)}"
+    message = f"{optimizer.type} on rank {where.rank} has momentum {format_number(momentum)} and lr {format_number(optimizer.lr)}: {effect}."
+    fix = (
+        f"Use momentum 0.9 (or at most 0.99) and keep lr / (1 - momentum) below "
+        f"{format_number(usual_max if usual_max is not None else 1.0)}."
+    )
+    values = {"momentum": format_number(momentum), "lr": format_number(optimizer.lr),
+              "effective_lr": format_number(effective)}
+    return [new_finding("MOMENTUM_EXTREME", pb.SEVERITY_WARNING, where, message=message, fix=fix, values=values)]
+
+
+def check_autocast_scaler(autocast_dtype: str, has_scaler: bool, where: Where) -> list[pb.Finding]:
+    """Return AMP_NO_SCALER when float16 autocast runs without a GradScaler."""
+    if autocast_dtype.removeprefix("torch.") not in _FLOAT16_NAMES or has_scaler:
+        return []
+    message = (
+        f"Rank {where.rank} runs the forward pass under float16 autocast without a GradScaler: small "
+        f"gradients underflow to 0 in float16 and large ones overflow to inf, and nothing skips the "
+        f"poisoned step."
+    )
+    fix = (
+        "Create scaler = torch.amp.GradScaler() and use scaler.scale(loss).backward(), "
+        "scaler.step(optimizer), scaler.update(); or autocast to torch.bfloat16, which needs no scaler."
+    )
+    return [new_finding("AMP_NO_SCALER", pb.SEVERITY_WARNING, where, message=message, fix=fix,
+                        values={"autocast_dtype": autocast_dtype, "grad_scaler": "false"})]

@@ -51,7 +51,48 @@ def check_output_activation(
         return [_sigmoid_bce_finding(leaf, loss_function, where)]
     if leaf.type in _SOFTMAX_TYPES and takes_log_input(loss_function):
         return [_softmax_log_finding(leaf, loss_function, where)]
+    if leaf.type in _SOFTMAX_TYPES and is_cross_entropy(loss_function):
+        return [_double_softmax_finding(leaf, loss_function, where)]
     return []
+
+
+def is_cross_entropy(loss_function: str) -> bool:
+    """Return whether the loss name is CrossEntropyLoss or F.cross_entropy (log-softmax inside)."""
+    return _short_name(loss_function).lower() in ("crossentropyloss", "cross_entropy")
+
+
+def _double_softmax_finding(leaf: pb.ModuleCall, loss_function: str, where: Where) -> pb.Finding:
+    layer = leaf.name or "<root>"
+    message = (
+        f"The model ends in {leaf.type} '{layer}' and the loss is {loss_function}, which applies "
+        f"log-softmax itself: the probabilities are squashed twice, so the loss barely moves and "
+        f"the gradients are small."
+    )
+    fix = f"Drop {leaf.type} '{layer}' from the model and give {loss_function} the raw logits."
+    values = {"last_module": layer, "last_module_type": leaf.type, "loss_function": loss_function}
+    return new_finding("LOSS_DOUBLE_SOFTMAX", pb.SEVERITY_WARNING, where, message=message, fix=fix,
+                       layer=leaf.name, values=values)
+
+
+def check_bce_float16(loss_function: str, float16_source: str, where: Where) -> list[pb.Finding]:
+    """Return LOSS_BCE_FP16 when a BCE loss on probabilities runs in float16.
+
+    float16_source says why the forward pass is float16 ("float16 autocast",
+    "float16 parameters"); "" means it is not.
+    """
+    if not float16_source or not is_bce_without_logits(loss_function):
+        return []
+    message = (
+        f"{loss_function} on rank {where.rank} takes probabilities while the model runs with "
+        f"{float16_source}: float16 rounds a Sigmoid output to exactly 1.0 once the logit passes about "
+        f"8, so log(1 - p) is -inf and the loss or gradients turn inf/NaN."
+    )
+    fix = (
+        f"Replace {loss_function} with nn.BCEWithLogitsLoss on the logits (drop the final Sigmoid); it "
+        f"is computed stably and is allowed under float16 autocast."
+    )
+    values = {"loss_function": loss_function, "float16_source": float16_source}
+    return [new_finding("LOSS_BCE_FP16", pb.SEVERITY_WARNING, where, message=message, fix=fix, values=values)]
 
 
 def _sigmoid_bce_finding(leaf: pb.ModuleCall, loss_function: str, where: Where) -> pb.Finding:

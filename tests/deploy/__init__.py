@@ -1,0 +1,1 @@
+"""Tests of the deployment files: Dockerfile, Helm chart, alert rules, dashboard, example Job."""
