@@ -8,9 +8,12 @@ training script changes:
   forward is running) gives the model and its tensor inputs, taken as the batch;
 - a loss module (``nn.modules.loss._Loss``) called at the root gives the loss
   function's name and the targets;
+- a common ``torch.nn.functional`` loss called outside any module gives the
+  loss function's name and the targets;
 - the scalar tensor on which ``backward()`` is called is taken as the loss;
-- the first ``optimizer.step()`` of each optimizer creates its Watcher, with the
-  root module that owns the optimizer's parameters as the model.
+- each optimizer gets its Watcher at the first loss, backward or ``step()``
+  after a root module that owns its parameters ran, so registration and its
+  static checks come before the first update.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 from torch import nn
 
 from nanwatch.bootstrap import AUTOWATCH_ENV, RUN_DIR_ENV
+from nanwatch.client import observers
+from nanwatch.client.labels import CLASS_INDEX_LOSSES, DEFAULT_IGNORE_INDEX, target_range_finding
 from nanwatch.client.watcher import Watcher
 from nanwatch.errors import HaltError
 
@@ -34,6 +39,12 @@ logger = logging.getLogger(__name__)
 
 # Recent root modules searched for the owner of an optimizer's parameters.
 MAX_ROOT_CANDIDATES = 8
+# torch.nn.functional losses whose calls outside a module give the loss name and the targets.
+FUNCTIONAL_LOSSES = (
+    "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
+    "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div", "gaussian_nll_loss",
+    "poisson_nll_loss",
+)
 
 
 class AutoWatch:
@@ -57,7 +68,7 @@ class AutoWatch:
         self._pending_batch: dict[str, torch.Tensor] = {}
         self._pending_loss: torch.Tensor | None = None
         self._handles: list[Any] = []
-        self._original_backward: Any = None
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
     def install(self) -> None:
         """Register the global hooks and wrap Tensor.backward; close every Watcher at exit."""
@@ -70,7 +81,10 @@ class AutoWatch:
             optimizers.register_optimizer_step_pre_hook(self._on_step_pre),
             optimizers.register_optimizer_step_post_hook(self._on_step_post),
         ]
+        observers.install()
+        self._wrap_optimizer_init()
         self._wrap_backward()
+        self._wrap_functional_losses()
         atexit.register(self.close)
         logger.debug("nanwatch autowatch installed in pid %d", os.getpid())
 
@@ -102,13 +116,22 @@ class AutoWatch:
         self._remember_root(module)
         tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
         names = ["inputs"] if len(tensors) == 1 else [f"inputs{index}" for index in range(len(tensors))]
-        watcher = self._watcher_by_root.get(id(module))
+        # Created before the model's first forward runs, the Watcher traces that forward too.
+        watcher = self._ensure_watcher()
         self._check_batch(watcher, dict(zip(names, tensors)))
 
     def _on_loss_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._loss_name = type(module).__name__
+        self._set_loss_name(type(module).__name__)
+        self._ensure_watcher()
         if len(args) >= 2 and isinstance(args[1], torch.Tensor):
             self._check_batch(self._current, {"targets": args[1]})
+
+    def _set_loss_name(self, name: str) -> None:
+        if name == self._loss_name:
+            return
+        self._loss_name = name
+        for watcher in self._watchers.values():
+            watcher.set_loss_function(name)
 
     def _remember_root(self, module: nn.Module) -> None:
         if any(ref() is module for ref in self._roots):
@@ -124,7 +147,17 @@ class AutoWatch:
             return
         watcher.check_batch(**tensors)
 
-    # ---- backward ----
+    # ---- wrapped torch functions ----
+
+    def _wrap_optimizer_init(self) -> None:
+        original = torch.optim.Optimizer.__init__
+        optimizers = self._optimizers
+
+        def __init__(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+            original(optimizer, *args, **kwargs)
+            optimizers.add(optimizer)
+
+        torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
 
     def _wrap_backward(self) -> None:
         original = torch.Tensor.backward
@@ -135,12 +168,65 @@ class AutoWatch:
             return original(tensor, *args, **kwargs)
 
         backward.__doc__ = original.__doc__
-        self._original_backward = original
         torch.Tensor.backward = backward  # type: ignore[method-assign]
+
+    def _wrap_functional_losses(self) -> None:
+        functional = torch.nn.functional
+        for name in FUNCTIONAL_LOSSES:
+            original = getattr(functional, name, None)
+            if original is not None:
+                setattr(functional, name, self._functional_loss(name, original))
+
+    def _functional_loss(self, name: str, original: Any) -> Any:
+        autowatch = self
+
+        def loss(*args: Any, **kwargs: Any) -> Any:
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            if autowatch._depth == 0:
+                autowatch._on_functional_loss(name, target)
+            try:
+                return original(*args, **kwargs)
+            except (IndexError, RuntimeError) as error:
+                autowatch._on_loss_error(name, args[0] if args else kwargs.get("input"), target, kwargs, error)
+                raise
+
+        loss.__doc__ = original.__doc__
+        loss.__name__ = name
+        return loss
+
+    def _on_functional_loss(self, name: str, target: Any) -> None:
+        try:
+            if self._loss_name is None:
+                self._set_loss_name(name)
+            self._ensure_watcher()
+            if isinstance(target, torch.Tensor):
+                self._check_batch(self._current, {"targets": target})
+        except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+            logger.exception("nanwatch autowatch: failed to observe a %s call", name)
+
+    def _on_loss_error(self, name: str, logits: Any, targets: Any, kwargs: dict[str, Any],
+                       error: BaseException) -> None:
+        """Halt with DATA_TARGET_RANGE when the loss raised on class targets out of range."""
+        if name not in CLASS_INDEX_LOSSES or not isinstance(logits, torch.Tensor):
+            return
+        if not isinstance(targets, torch.Tensor):
+            return
+        ignore_index = int(kwargs.get("ignore_index", DEFAULT_IGNORE_INDEX))
+        finding = target_range_finding(logits.detach(), targets.detach(), ignore_index=ignore_index,
+                                       loss_name=self._loss_name or name)
+        watcher = self._current or self._ensure_watcher()
+        if finding is None or watcher is None:
+            return
+        try:
+            watcher.halt_now(reason=finding.message, finding=finding)
+        except HaltError as halt:
+            self._write_halt_marker(watcher, halt)
+            raise halt from error
 
     def _observe_backward(self, tensor: torch.Tensor) -> None:
         if tensor.numel() != 1:
             return
+        self._ensure_watcher()
         loss = tensor.detach()
         if self._current is None:
             self._pending_loss = loss
@@ -166,6 +252,30 @@ class AutoWatch:
         watcher = self._watchers.get(id(optimizer))
         if watcher is not None:
             watcher.step_post_hook(optimizer, args, kwargs)
+
+    def _ensure_watcher(self) -> Watcher | None:
+        """Return the Watcher of the latest root module, creating it when an optimizer owns its parameters."""
+        root = self._roots[-1]() if self._roots else None
+        if root is None:
+            return self._current
+        watcher = self._watcher_by_root.get(id(root))
+        if watcher is None:
+            optimizer = self._find_optimizer(root)
+            if optimizer is not None:
+                watcher = self._create_watcher(optimizer)
+        if watcher is not None:
+            self._current = watcher
+        return watcher
+
+    def _find_optimizer(self, root: nn.Module) -> torch.optim.Optimizer | None:
+        owned = {id(param) for param in root.parameters()}
+        for optimizer in list(self._optimizers):
+            if id(optimizer) in self._watchers or id(optimizer) in self._unwatched:
+                continue
+            params = (param for group in optimizer.param_groups for param in group["params"])
+            if any(id(param) in owned for param in params):
+                return optimizer
+        return None
 
     def _create_watcher(self, optimizer: torch.optim.Optimizer) -> Watcher | None:
         model = self._find_owner(optimizer)

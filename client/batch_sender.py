@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from nanwatch.client.connection import OutageLog, backoff_delay_s, open_channel
+from nanwatch.client.connection import ChannelSecurity, OutageLog, backoff_delay_s, open_channel
 from nanwatch.client.sender import log_finding
 from nanwatch.client.wire import to_wire_tensor
 from nanwatch.v1 import nanwatch_pb2 as pb
@@ -38,8 +38,9 @@ class BatchSender:
     drops its batch, logs one warning per outage and waits with backoff.
     """
 
-    def __init__(self, *, endpoint: str, run_id: str, rank: int) -> None:
+    def __init__(self, *, endpoint: str, run_id: str, rank: int, security: ChannelSecurity | None = None) -> None:
         self.endpoint = endpoint
+        self._security = security
         self.dropped_batches = 0
         self._run_id = run_id
         self._rank = rank
@@ -72,7 +73,7 @@ class BatchSender:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        channel = open_channel(self.endpoint)
+        channel = open_channel(self.endpoint, self._security)
         stub = pb_grpc.NanwatchStub(channel)
         attempt = 0
         try:

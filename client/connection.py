@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+
+from nanwatch.service.auth import ClientTls, bearer_metadata, read_client_tls, read_token
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +25,76 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 
 
-def open_channel(endpoint: str) -> grpc.Channel:
-    """Return a plaintext channel to endpoint with keepalive enabled."""
-    return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+@dataclass(frozen=True, slots=True)
+class ChannelSecurity:
+    """Client transport security: TLS files (None: plaintext) and the API token (None: no token)."""
+
+    tls: ClientTls | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        # The token must not reach a log through a repr.
+        return f"ChannelSecurity(tls={self.tls is not None}, token={'set' if self.token else None})"
+
+
+def resolve_channel_security(*, tls_ca: str | None = None, token: str | None = None) -> ChannelSecurity:
+    """Return the channel security from the arguments, else $NANWATCH_TLS_CA and $NANWATCH_TOKEN(_FILE)."""
+    return ChannelSecurity(tls=read_client_tls(tls_ca), token=token if token is not None else read_token())
+
+
+def open_channel(endpoint: str, security: ChannelSecurity | None = None) -> grpc.Channel:
+    """Return a channel to endpoint with keepalive enabled, and with the TLS and token that security sets."""
+    security = security or ChannelSecurity()
+    if security.tls is None:
+        channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(endpoint, security.tls.credentials(), options=CHANNEL_OPTIONS)
+    if security.token is None:
+        return channel
+    return grpc.intercept_channel(channel, _TokenInterceptor(bearer_metadata(security.token)))
+
+
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+):
+    """Adds the authorization metadata to every call, on plaintext channels too.
+
+    grpc.metadata_call_credentials would attach the token only on TLS channels.
+    """
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout, tuple(details.metadata or ()) + self._metadata,
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                              request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                               request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                               request_iterator: Any) -> Any:
+        return continuation(self._with_token(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                                request_iterator: Any) -> Any:
+        return continuation(self._with_token(details), request_iterator)
+
+
+@dataclass(frozen=True, slots=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: tuple[tuple[str, str], ...] | None = field(repr=False)
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
 
 
 def backoff_delay_s(attempt: int) -> float:

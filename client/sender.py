@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from nanwatch.client.connection import OutageLog, backoff_delay_s, open_channel
+from nanwatch.client.connection import ChannelSecurity, OutageLog, backoff_delay_s, open_channel
 from nanwatch.v1 import nanwatch_pb2 as pb
 from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
 
@@ -28,12 +28,22 @@ class ReportSender:
     goes out in StepReport.dropped_reports. On any RpcError the thread logs one
     warning per outage, waits with exponential backoff and jitter, registers again
     with the same client_id and resumes sending the reports still buffered.
+
+    With fail_closed_after_s set, halt_signal turns into a HALT once the service
+    has been unreachable (never registered, or no open stream) for that many
+    seconds; without it the rank trains on with local checks only (fail open).
     """
 
-    def __init__(self, *, endpoint: str, register_request: pb.RegisterRankRequest, max_queued_reports: int) -> None:
+    def __init__(
+        self, *, endpoint: str, register_request: pb.RegisterRankRequest, max_queued_reports: int,
+        security: ChannelSecurity | None = None, fail_closed_after_s: float | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self._request = register_request
         self._max_queued = max_queued_reports
+        self._security = security
+        self._fail_closed_after_s = fail_closed_after_s
+        self._unreachable_since: float | None = time.monotonic()
         self._queue: collections.deque[pb.StepReport] = collections.deque()
         self._cond = threading.Condition()
         self._dropped = 0
@@ -66,8 +76,26 @@ class ReportSender:
 
     @property
     def halt_signal(self) -> pb.Signal | None:
-        """The HALT signal with the earliest halt_step received so far, or None."""
+        """The HALT signal with the earliest halt_step received so far, the fail-closed HALT, or None."""
+        if self._halt_signal is None and self._fail_closed_due():
+            self._store_halt(self._fail_closed_signal())
         return self._halt_signal
+
+    def unreachable_s(self) -> float:
+        """Seconds since the service was last reachable; 0 while the rank is registered and streaming."""
+        since = self._unreachable_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _fail_closed_due(self) -> bool:
+        limit = self._fail_closed_after_s
+        return limit is not None and self.unreachable_s() >= limit
+
+    def _fail_closed_signal(self) -> pb.Signal:
+        reason = (f"the nanwatch service at {self.endpoint} has been unreachable for {self.unreachable_s():.1f} s "
+                  f"(fail_closed_after_s={self._fail_closed_after_s:g})")
+        logger.error("nanwatch rank %d: %s; halting (fail closed)", self._request.rank, reason)
+        # halt_step 0 is due at once: the ranks stop at the step they are checking.
+        return pb.Signal(kind=pb.SIGNAL_KIND_HALT, run_id=self._request.run_id, halt_step=0, reason=reason)
 
     def enqueue(self, report: pb.StepReport) -> None:
         """Buffer report for sending; drops the oldest buffered report when the buffer is full."""
@@ -75,6 +103,9 @@ class ReportSender:
             if len(self._queue) >= self._max_queued:
                 self._queue.popleft()
                 self._dropped += 1
+                if self._dropped & (self._dropped - 1) == 0:  # logs at 1, 2, 4, 8, ... drops
+                    logger.warning("nanwatch rank %d: report buffer full (%d reports); %d reports dropped so far",
+                                   self._request.rank, self._max_queued, self._dropped)
             self._queue.append(report)
             self._cond.notify_all()
 
@@ -120,6 +151,8 @@ class ReportSender:
             finally:
                 self._connected = False
                 self._call = None
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.monotonic()
             if self._should_stop():
                 return
             self._stopping.wait(backoff_delay_s(attempt))
@@ -133,7 +166,7 @@ class ReportSender:
 
     def _run_session(self) -> None:
         """Register, then stream reports and read signals until the stream ends."""
-        channel = open_channel(self.endpoint)
+        channel = open_channel(self.endpoint, self._security)
         session_over = threading.Event()
         try:
             stub = pb_grpc.NanwatchStub(channel)
@@ -142,6 +175,7 @@ class ReportSender:
             call = stub.Watch(self._requests(session_over))
             self._call = call
             self._connected = True
+            self._unreachable_since = None
             for signal in call:
                 self._on_signal(signal)
         finally:

@@ -92,8 +92,16 @@ def resolve_amp_dtype(amp_dtype: torch.dtype | str | None) -> torch.dtype | None
     return amp_dtype
 
 
-def validate_limits(*, max_queued_reports: int, flush_timeout_s: float, halt_exit_code: int | None) -> None:
+def validate_limits(
+    *, max_queued_reports: int, flush_timeout_s: float, halt_exit_code: int | None,
+    fail_closed_after_s: float | None = None,
+) -> None:
     """Raise ValueError naming the first Watcher limit that is out of range."""
+    if fail_closed_after_s is not None and not fail_closed_after_s > 0:
+        raise ValueError(
+            f"fail_closed_after_s={fail_closed_after_s} is invalid; give the seconds of outage after which "
+            "to halt (> 0), or None to train on while the service is unreachable"
+        )
     if max_queued_reports < 1:
         raise ValueError(f"max_queued_reports={max_queued_reports} is invalid; buffer at least 1 report")
     if flush_timeout_s < 0:

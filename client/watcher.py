@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
 from nanwatch.client.agreement import Agreement
 from nanwatch.client.batch_sender import BatchSender
+from nanwatch.client.connection import resolve_channel_security
 from nanwatch.client.facts import (
     RankIdentity, build_amp_info, build_clipping_info, build_register_request, collect_parameters, unwrap_model,
 )
@@ -24,6 +26,7 @@ from nanwatch.client.summaries import summarize_batch_tensor
 from nanwatch.client.trace import ForwardTrace
 from nanwatch.endpoint import default_endpoint, validate_endpoint
 from nanwatch.errors import HaltError, halt_exit_code as env_halt_exit_code
+from nanwatch.v1 import nanwatch_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,14 @@ class Watcher:
         install_hooks: register the optimizer step hooks and the loss-module hook. False
             when the caller forwards torch's global hooks to step_pre_hook and
             step_post_hook itself, as ``nanwatch run`` does.
+        tls_ca: PEM file of the CA that signed the service's TLS certificate; default
+            $NANWATCH_TLS_CA, unset means plaintext. $NANWATCH_TLS_CLIENT_CERT and
+            $NANWATCH_TLS_CLIENT_KEY add a client certificate for mutual TLS.
+        token: API token sent as ``authorization: Bearer <token>``; default the file
+            named by $NANWATCH_TOKEN_FILE, else $NANWATCH_TOKEN, else none.
+        fail_closed_after_s: halt every rank once the service has been unreachable for
+            this many seconds, counted from the constructor or the last lost stream.
+            None (the default) fails open: training runs on with local checks only.
     """
 
     def __init__(
@@ -97,11 +108,15 @@ class Watcher:
         halt_exit_code: int | None = None,
         flush_timeout_s: float = 3.0,
         install_hooks: bool = True,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        fail_closed_after_s: float | None = None,
     ) -> None:
         # Validate everything before installing any hook or thread.
         _check_types(model, optimizer, loss_fn)
         validate_limits(max_queued_reports=max_queued_reports, flush_timeout_s=flush_timeout_s,
-                        halt_exit_code=halt_exit_code)
+                        halt_exit_code=halt_exit_code, fail_closed_after_s=fail_closed_after_s)
+        security = resolve_channel_security(tls_ca=tls_ca, token=token)
         self._exit_code = halt_exit_code if halt_exit_code is not None else env_halt_exit_code()
         self._flush_timeout_s = flush_timeout_s
         self._rank, world_size = resolve_rank_and_world_size(rank, world_size, process_group)
@@ -125,6 +140,7 @@ class Watcher:
             grad_scaler=grad_scaler, agreement=agreement, trace=self._trace,
         ))
         self._step = 0
+        self._late_loss_function = ""
         self._halt: HaltDecision | None = None
         self._closed = False
         self._handles = []
@@ -138,11 +154,13 @@ class Watcher:
 
         # Background senders.
         self._sender = ReportSender(endpoint=self._endpoint, register_request=request,
-                                    max_queued_reports=max_queued_reports)
+                                    max_queued_reports=max_queued_reports, security=security,
+                                    fail_closed_after_s=fail_closed_after_s)
         self._sender.start()
         self._batch_sender: BatchSender | None = None
         if send_batches:
-            self._batch_sender = BatchSender(endpoint=self._endpoint, run_id=self._run_id, rank=self._rank)
+            self._batch_sender = BatchSender(endpoint=self._endpoint, run_id=self._run_id, rank=self._rank,
+                                             security=security)
             self._batch_sender.start()
         logger.info("nanwatch rank %d: watching run %s, reporting to %s", self._rank, self._run_id, self._endpoint)
 
@@ -201,6 +219,26 @@ class Watcher:
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             logger.exception("nanwatch rank %d: observe_loss failed at step %d", self._rank, self._step)
 
+    def set_loss_function(self, name: str) -> None:
+        """Name the loss function when it became known after construction; the next report carries it."""
+        self._late_loss_function = name
+
+    def halt_now(self, *, reason: str, finding: pb.Finding) -> NoReturn:
+        """Halt this rank at the current step from outside the optimizer step, with a cause named by the caller.
+
+        Used when a step cannot reach optimizer.step(), such as a loss that raises on class
+        targets out of range. The finding travels with the final report to the service.
+
+        Raises:
+            HaltError: always.
+        """
+        report = pb.StepReport(step=self._step, loss=math.nan, loss_finite=True, update_norm=math.nan,
+                               halted_locally=True)
+        report.client_finding.CopyFrom(finding)
+        report.loss_function = self._late_loss_function
+        self._sender.enqueue(report)
+        self._stop(HaltDecision(step=self._step, reason=reason, source="local", finding=finding, codes=[]))
+
     def close(self) -> None:
         """Remove the hooks, send the buffered reports (up to flush_timeout_s) and stop the senders."""
         if self._closed:
@@ -231,6 +269,9 @@ class Watcher:
         if self._halt is not None:
             raise self._halt_error(self._halt)
         outcome = self._checker.check(self._step, self._sender.halt_signal)
+        if self._late_loss_function:
+            outcome.report.loss_function = self._late_loss_function
+            self._late_loss_function = ""
         self._sender.enqueue(outcome.report)
         if outcome.halt is not None:
             self._stop(outcome.halt)

@@ -11,6 +11,10 @@ _SERIOUS = (pb.SEVERITY_WARNING, pb.SEVERITY_CRITICAL)
 # Warnings that describe a consequence or a quality problem, never the origin of a NaN/Inf:
 # a double softmax only slows learning, and clipping a non-finite norm only spreads it.
 NON_CAUSAL_CODES = frozenset({"LOSS_DOUBLE_SOFTMAX", "GRAD_CLIP_NONFINITE"})
+# A forward overflow at run time is often the end of a growth that earlier findings saw
+# coming; when one of these came at an earlier step, it is the primary cause instead.
+_OVERFLOW_SYMPTOMS = frozenset({"FORWARD_NONFINITE"})
+_GROWTH_CODES = frozenset({"GRAD_EXPLODING", "GRAD_GROWTH", "UPDATE_RATIO_HIGH", "LOSS_DIVERGING"})
 # Data warnings about the whole input distribution rank with the static causes, not with
 # the non-finite values of the failing batch.
 _DATA_DISTRIBUTION_CODES = frozenset({"DATA_NOT_NORMALIZED"})
@@ -32,7 +36,20 @@ def choose_primary(findings: Sequence[pb.Finding], halt_step: int | None) -> pb.
     """
     if not findings:
         return None
-    return min(findings, key=lambda finding: _rank_key(finding, halt_step))
+    primary = min(findings, key=lambda finding: _rank_key(finding, halt_step))
+    if primary.code in _OVERFLOW_SYMPTOMS:
+        return _earlier_growth(findings, primary) or primary
+    return primary
+
+
+def _earlier_growth(findings: Sequence[pb.Finding], symptom: pb.Finding) -> pb.Finding | None:
+    """Return the earliest growth warning seen before a forward overflow, which explains it."""
+    growth = [
+        finding for finding in findings
+        if finding.code in _GROWTH_CODES and finding.severity in _SERIOUS
+        and 0 <= finding.evidence.step < symptom.evidence.step
+    ]
+    return min(growth, key=lambda finding: (finding.evidence.step, finding.evidence.rank), default=None)
 
 
 def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, int, int, int, int, int]:

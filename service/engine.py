@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from nanwatch.service.checks import (
-    activations, data, data_values, gradient_trends, gradients, hyperparameters, initialization, loss,
+    activations, data, data_ranks, data_values, gradient_trends, gradients, hyperparameters, initialization, loss,
     loss_trends, loss_values, monitoring, updates,
 )
 from nanwatch.service.checks.catalog import Where
@@ -62,6 +62,7 @@ class CheckEngine:
             run = self._runs.setdefault(request.run_id, RunState())
             if run.comparer is None and request.world_size > 0:
                 run.comparer = loss_trends.RankLossComparer(world_size=request.world_size)
+                run.scale_comparer = data_ranks.InputScaleComparer(world_size=request.world_size)
             rank = self._rank_state(run, request.rank)
             rank.register(request)
             findings = self._check_initialization(run, request.parameters, where)
@@ -77,10 +78,15 @@ class CheckEngine:
         with self._lock:
             run = self._runs.setdefault(run_id, RunState())
             state = self._rank_state(run, rank)
+            if report.loss_function and not state.loss_function:
+                state.loss_function = report.loss_function
             static = self._check_trace(run, state, report.forward_trace, static_where)
             static += self._check_first_forward(run, state, report, static_where)
             findings = self._keep_new_static(run, static)
             findings += self._check_summaries(run, state, report, where)
+            if run.scale_comparer is not None and report.batch:
+                run.evaluated.add("DATA_RANK_SCALE")
+                findings += run.scale_comparer.observe(rank, report, where)
             findings += self._check_gradients(run, state, report, where)
             findings += self._check_parameters_after_update(run, state, report, where)
             findings += self._check_step_values(run, state, report, where)
@@ -136,12 +142,13 @@ class CheckEngine:
     ) -> list[pb.Finding]:
         if trace and not rank.layer_order:
             rank.layer_order = [call.name for call in trace]
-        # The loss function comes with registration and the trace may come later.
-        if rank.is_trace_checked or not trace or not rank.loss_function:
+            rank.trace = list(trace)
+        # The loss function and the trace may each come with registration or a later report.
+        if rank.is_trace_checked or not rank.trace or not rank.loss_function:
             return []
         rank.is_trace_checked = True
         run.evaluated.update(_LOSS_CODES)
-        return loss.check_output_activation(trace, rank.loss_function, where)
+        return loss.check_output_activation(rank.trace, rank.loss_function, where)
 
     def _check_first_forward(
         self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
@@ -286,9 +293,10 @@ class CheckEngine:
         if rank.spike_streak > 0 or "GRAD_GROWTH" in rank.reported:
             return []  # a gradient that was already exploding explains the non-finite step better
         targets_checked = any(data_values.is_target_name(summary.name) for summary in report.batch)
+        leaf = loss.last_leaf(rank.trace)
         facts = loss_values.StepFacts(batch_finite=_is_batch_finite(report), loss_function=rank.loss_function,
                                       layer_order=rank.layer_order, clipping_enabled=rank.is_clipping,
-                                      targets_checked=targets_checked)
+                                      targets_checked=targets_checked, output_module=leaf.type if leaf else "")
         return loss_values.check_step_values(report, facts, where, self._thresholds)
 
     def _check_updates(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:

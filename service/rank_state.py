@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nanwatch.service.checks.activations import is_weight_layer
+from nanwatch.service.checks.data_ranks import InputScaleComparer
 from nanwatch.service.checks.hyperparameters import float16_parameters
 from nanwatch.service.checks.loss_trends import LossTracker, RankLossComparer
 from nanwatch.service.thresholds import Thresholds
@@ -26,6 +27,8 @@ class RankState:
     """Linear/Conv weight parameters in registration order."""
     layer_order: list[str] = field(default_factory=list)
     """Module names of the first forward pass, in call order."""
+    trace: list[pb.ModuleCall] = field(default_factory=list)
+    """Leaf modules of the first forward pass, kept until the loss function is known."""
     autocast_dtype: str = ""
     num_classes: int = 0
     observed_clip_max_norm: float = 0.0
@@ -50,6 +53,7 @@ class RankState:
                              if is_weight_layer(p.module_type) and len(p.shape) >= 2 and p.name.endswith("weight")]
         if request.forward_trace:
             self.layer_order = [call.name for call in request.forward_trace]
+            self.trace = list(request.forward_trace)
 
     @property
     def is_clipping(self) -> bool:
@@ -84,4 +88,5 @@ class RunState:
     static_keys: set[tuple[str, str, str]] = field(default_factory=set)  # (code, tensor, layer)
     evaluated: set[str] = field(default_factory=set)
     comparer: RankLossComparer | None = None
+    scale_comparer: InputScaleComparer | None = None
     is_order_reported: bool = False

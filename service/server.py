@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -15,9 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from nanwatch.service.auth import TokenAuthInterceptor, read_pem, resolve_auth_mode
 from nanwatch.service.engine import CheckEngine
 from nanwatch.service.metrics import ServiceMetrics
-from nanwatch.service.servicer import NanwatchServicer
+from nanwatch.service.servicer import MalformedRequestInterceptor, NanwatchServicer
 from nanwatch.service.store import Store
 from nanwatch.service.supervisor import Supervisor
 from nanwatch.service.thresholds import Thresholds
@@ -50,6 +51,18 @@ class ServiceConfig:
     """Maximum raw tensor bytes in one CheckBatch request."""
     grace_s: float = 5.0
     """Seconds that open calls get to finish on shutdown."""
+    tls_cert_path: str | None = None
+    """PEM server certificate chain; with tls_key_path the gRPC port speaks TLS only."""
+    tls_key_path: str | None = None
+    """PEM private key of tls_cert_path."""
+    tls_client_ca_path: str | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    token: str | None = field(default=None, repr=False)
+    """Shared token that clients send as `authorization: Bearer <token>`; never logged."""
+    auth_mode: str | None = None
+    """"all", "operator" (HaltRun only) or "none"; None means "operator" with a token, else "none"."""
+    health_port: int | None = None
+    """Extra plaintext port that serves only grpc.health.v1, for Kubernetes probes of a TLS port."""
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
@@ -58,6 +71,25 @@ class ServiceConfig:
                 raise ValueError(f"{name}={port} is not a TCP port; use 0..65535 (0 picks a free port)")
         if self.max_batch_bytes <= 0:
             raise ValueError(f"max_batch_bytes={self.max_batch_bytes} must be positive")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port={self.health_port} is not a TCP port; use 0..65535")
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ValueError("tls_cert_path and tls_key_path go together; set both for TLS, or neither")
+        if self.tls_client_ca_path is not None and self.tls_cert_path is None:
+            raise ValueError("tls_client_ca_path (mutual TLS) needs tls_cert_path and tls_key_path")
+        self.auth_mode = resolve_auth_mode(self.auth_mode, self.token)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_path is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """Return the TLS credentials of the gRPC port, or None for plaintext."""
+        if self.tls_cert_path is None or self.tls_key_path is None:
+            return None
+        pair = (read_pem(self.tls_key_path, "TLS key"), read_pem(self.tls_cert_path, "TLS certificate"))
+        client_ca = read_pem(self.tls_client_ca_path, "TLS client CA") if self.tls_client_ca_path else None
+        return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     def load_thresholds(self) -> Thresholds:
         if self.thresholds_path is None:
@@ -85,11 +117,16 @@ class RunningService:
         self._metrics_http = metrics_http
         self.host = host
         self.grace_s = grace_s
+        self.health_server: grpc.aio.Server | None = None
+        """The plaintext health-only server, when ServiceConfig.health_port is set."""
+        self.health_port: int | None = None
 
     async def stop(self) -> None:
         logger.info("stopping: health NOT_SERVING, draining for up to %.1f s", self.grace_s)
         await self.health_servicer.enter_graceful_shutdown()
         await self.server.stop(self.grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         self._metrics_http.shutdown()  # type: ignore[attr-defined]
         self.supervisor.store.close()
         logger.info("stopped")
@@ -104,18 +141,7 @@ async def start_service(config: ServiceConfig) -> RunningService:
         max_batch_bytes=config.max_batch_bytes,
     )
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.max_batch_bytes + MiB),
-            # Clients ping every 30 s to keep their Watch stream alive through idle proxies.
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            # Without this, Linux lets a second service bind the same port and the two
-            # split the clients between their stores.
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    server = grpc.aio.server(options=_server_options(config), interceptors=_interceptors(config, metrics))
     pb_grpc.add_NanwatchServicer_to_server(NanwatchServicer(supervisor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,18 +149,20 @@ async def start_service(config: ServiceConfig) -> RunningService:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"{_bracket(config.host)}:{config.grpc_port}"
     try:
-        grpc_port = server.add_insecure_port(address)
-    except RuntimeError as error:
+        grpc_port = _bind(server, config.host, config.grpc_port, config.server_credentials())
+    except (OSError, ValueError):
         store.close()
-        raise OSError(f"cannot bind the gRPC port {address}: {error}; is another service using it?") from None
+        raise
     await server.start()
+    health_server, health_port = await _start_health_server(config, health_servicer, store, server)
 
     try:
         metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     except OSError as error:
         await server.stop(None)
+        if health_server is not None:
+            await health_server.stop(None)
         store.close()
         raise OSError(
             f"cannot bind the metrics port {config.host}:{config.metrics_port}: {error.strerror}; "
@@ -145,13 +173,77 @@ async def start_service(config: ServiceConfig) -> RunningService:
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
-        "serving gRPC on %s:%d, metrics on http://%s:%d/metrics, store %s",
+        "serving gRPC (%s, auth %s) on %s:%d, metrics on http://%s:%d/metrics, store %s",
+        "TLS" if config.tls_enabled else "plaintext", config.auth_mode,
         config.host, grpc_port, config.host, metrics_port, config.db_path,
     )
-    return RunningService(
+    running = RunningService(
         server=server, health_servicer=health_servicer, supervisor=supervisor, grpc_port=grpc_port,
         metrics_port=metrics_port, metrics_http=metrics_http, host=config.host, grace_s=config.grace_s,
     )
+    running.health_server, running.health_port = health_server, health_port
+    return running
+
+
+def _server_options(config: ServiceConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_batch_bytes + MiB),
+        # Clients ping every 30 s to keep their Watch stream alive through idle proxies.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Without this, Linux lets a second service bind the same port and the two
+        # split the clients between their stores.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _interceptors(config: ServiceConfig, metrics: ServiceMetrics) -> list[grpc.aio.ServerInterceptor]:
+    """Return the token check (when enabled) followed by the malformed-request handling."""
+    if config.auth_mode == "none" or config.token is None:
+        if config.token is not None:
+            logger.warning("a token is configured but --auth is none: no call checks it")
+        return [MalformedRequestInterceptor()]
+
+    def count_rejection(method: str, code: grpc.StatusCode) -> None:
+        metrics.rpc_errors.labels(method, code.name).inc()
+
+    token_check = TokenAuthInterceptor(token=config.token, mode=config.auth_mode, on_reject=count_rejection)  # type: ignore[arg-type]
+    return [token_check, MalformedRequestInterceptor()]
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Add the port to server (TLS when credentials are given) and return the bound port number."""
+    address = f"{_bracket(host)}:{port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        raise OSError(f"cannot bind the gRPC port {address}: {error}; is another service using it?") from None
+
+
+async def _start_health_server(
+    config: ServiceConfig, health_servicer: health.aio.HealthServicer, store: Store, main_server: grpc.aio.Server,
+) -> tuple[grpc.aio.Server | None, int | None]:
+    """Start the plaintext health-only port, if configured; return the server and its port.
+
+    It serves the same health states as the main port.
+    """
+    if config.health_port is None:
+        return None, None
+    # NOTE: Kubernetes native gRPC probes speak plaintext only, so a TLS gRPC port needs
+    # this second port for them. It serves grpc.health.v1 and nothing else.
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    try:
+        port = _bind(health_server, config.host, config.health_port, None)
+    except OSError:
+        await main_server.stop(None)
+        store.close()
+        raise
+    await health_server.start()
+    return health_server, port
 
 
 def serve(config: ServiceConfig) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from nanwatch.service.live import LiveRun
 from nanwatch.service.supervisor import Supervisor
@@ -53,6 +54,9 @@ class NanwatchServicer(pb_grpc.NanwatchServicer):
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Signal]:
         first = await _first_message(request_iterator)
+        if isinstance(first, MalformedRequest):
+            await self._abort(context, "Watch", first.error())
+            return
         if first is None or first.WhichOneof("kind") != "start":
             await self._abort(context, "Watch", RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -90,6 +94,8 @@ class NanwatchServicer(pb_grpc.NanwatchServicer):
         """Check every report of one stream; end the stream when the client half-closes or errs."""
         try:
             async for message in request_iterator:
+                if isinstance(message, MalformedRequest):
+                    raise message.error()
                 if message.WhichOneof("kind") != "report":
                     raise RequestError(
                         grpc.StatusCode.INVALID_ARGUMENT, "only the first message on a Watch stream may be `start`"
@@ -125,9 +131,69 @@ class NanwatchServicer(pb_grpc.NanwatchServicer):
         await context.abort(error.code, error.message)
 
 
-async def _first_message(request_iterator: AsyncIterator[pb.WatchRequest]) -> pb.WatchRequest | None:
+async def _first_message(
+    request_iterator: AsyncIterator[pb.WatchRequest],
+) -> pb.WatchRequest | MalformedRequest | None:
     try:
         return await request_iterator.__anext__()
     except StopAsyncIteration:
         return None
 
+
+
+class MalformedRequest:
+    """Stands in for a request message whose bytes did not parse, so the handler can reject it."""
+
+    def __init__(self, type_name: str, error: DecodeError) -> None:
+        self.type_name = type_name
+        self.reason = str(error)
+
+    def error(self) -> RequestError:
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request is not a valid {self.type_name}: {self.reason}; send a serialized {self.type_name}")
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects requests whose bytes do not parse with INVALID_ARGUMENT instead of gRPC's UNKNOWN.
+
+    Only the Nanwatch service's methods are wrapped; health and reflection keep gRPC's handling.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/nanwatch.v1.Nanwatch/"):
+            return handler
+        return _tolerant_handler(handler, handler_call_details.method.rsplit("/", 1)[-1])
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """Return handler with a deserializer that yields MalformedRequest instead of raising."""
+    parse = handler.request_deserializer
+    type_name = f"{method}Request" if method != "Watch" else "WatchRequest"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return MalformedRequest(type_name, error)
+
+    if handler.request_streaming:
+        # Watch checks each message for MalformedRequest itself.
+        return grpc.stream_stream_rpc_method_handler(handler.stream_stream, request_deserializer=deserialize,
+                                                     response_serializer=handler.response_serializer)
+
+    behavior = handler.unary_unary
+
+    async def reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            error = request.error()
+            logger.info("%s rejected with %s: %s", method, error.code.name, error.message)
+            await context.abort(error.code, error.message)
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(reject_malformed, request_deserializer=deserialize,
+                                               response_serializer=handler.response_serializer)

@@ -17,13 +17,17 @@ import grpc
 import numpy as np
 
 from nanwatch.service.checklist import build_checklist
+from nanwatch.service.checks.catalog import spec_for
 from nanwatch.service.diagnosis import choose_primary
 from nanwatch.service.engine import CheckEngine
 from nanwatch.service.live import LiveRun, LiveRuns
 from nanwatch.service.metrics import ServiceMetrics
 from nanwatch.service.store import HaltRecord, Store
 from nanwatch.service.tensor_codec import TensorDecodeError, decode_tensor
-from nanwatch.service.validation import RequestError, check_rank, check_registration, check_report, check_run_id
+from nanwatch.service.validation import (
+    MAX_ID_CHARS, RequestError, check_batch_request, check_halt_request, check_rank, check_registration, check_report,
+    check_run_id, check_text,
+)
 from nanwatch.v1 import nanwatch_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -115,7 +119,9 @@ class Supervisor:
                 f"run {start.run_id!r} is not registered; call RegisterRank before opening the Watch stream",
             )
         check_rank(start.rank, stored.world_size)
+        check_text(start.client_id, "start.client_id", MAX_ID_CHARS)
         run = self.live.ensure(start.run_id, stored.world_size)
+        _check_stream_owner(run, start)
         outbox = self.live.connect(start.run_id, start.rank, stored.world_size)
         run.rank(start.rank).client_id = start.client_id or run.rank(start.rank).client_id
         self.metrics.active_streams.set(self.live.connected_count())
@@ -142,6 +148,8 @@ class Supervisor:
             )
 
         findings = self.engine.check_report(run.run_id, rank, report)
+        if report.halted_locally and report.HasField("client_finding"):
+            findings += _accepted_client_finding(run.run_id, rank, report)
         recorded = self._record_findings(findings)
         self._halt_on_critical(run, recorded, step=report.step)
         if report.halted_locally:
@@ -156,6 +164,7 @@ class Supervisor:
 
     def check_batch(self, request: pb.CheckBatchRequest) -> pb.CheckBatchResponse:
         check_run_id(request.run_id)
+        check_batch_request(request)
         stored = self.store.get_run(request.run_id)
         if stored is None:
             raise RequestError(
@@ -197,7 +206,7 @@ class Supervisor:
     # ---- operator calls and queries ----
 
     def halt_by_operator(self, request: pb.HaltRunRequest) -> pb.HaltRunResponse:
-        check_run_id(request.run_id)
+        check_halt_request(request)
         stored = self.store.get_run(request.run_id)
         if stored is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"run {request.run_id!r} not found; see `nanwatch runs`")
@@ -343,6 +352,36 @@ class Supervisor:
         stored = self.store.get_run(run_id)
         evaluated = self.engine.evaluated_codes(run_id) | (stored.evaluated_codes if stored else set())
         self.store.update_run_progress(run_id, last_step=last_step, evaluated_codes=evaluated)
+
+
+def _accepted_client_finding(run_id: str, rank: int, report: pb.StepReport) -> list[pb.Finding]:
+    """Return the rank's own finding when its code and stage are ones the service defines, else nothing."""
+    finding = pb.Finding()
+    finding.CopyFrom(report.client_finding)
+    try:
+        spec = spec_for(finding.code)
+    except KeyError:
+        logger.warning("ignored client finding with unknown code run=%s rank=%d code=%r", run_id, rank, finding.code)
+        return []
+    if finding.stage != spec.stage or finding.severity not in (pb.SEVERITY_WARNING, pb.SEVERITY_CRITICAL):
+        logger.warning("ignored client finding with wrong stage or severity run=%s rank=%d code=%s",
+                       run_id, rank, finding.code)
+        return []
+    finding.evidence.run_id = run_id
+    finding.evidence.rank = rank
+    finding.evidence.step = report.step
+    return [finding]
+
+
+def _check_stream_owner(run: LiveRun, start: pb.WatchStart) -> None:
+    """Reject a Watch stream for a rank that another client has connected; the older stream stays."""
+    state = run.rank(start.rank)
+    if state.connected and state.client_id and start.client_id != state.client_id:
+        raise RequestError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"rank {start.rank} of run {start.run_id!r} is already streaming from client {state.client_id}; "
+            "each rank must use its own rank number",
+        )
 
 
 def _first_rank(halt: HaltRecord | None, primary: pb.Finding | None) -> int:

@@ -34,22 +34,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="one series per run instead of per rank for loss, grad norm and step gauges",
     )
     serve.add_argument("--grace-seconds", type=float, default=5.0, help="drain time on SIGTERM (default 5)")
+    serve.add_argument("--tls-cert", default=None, help="PEM server certificate chain; with --tls-key the gRPC port uses TLS")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", default=None,
+                       help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    serve.add_argument("--token-file", default=None,
+                       help="file holding the API token (default $NANWATCH_TOKEN_FILE, else $NANWATCH_TOKEN)")
+    serve.add_argument("--auth", choices=["all", "operator", "none"], default=None,
+                       help="calls that need the token: all (except health checks), operator (HaltRun) or none; "
+                            "default operator when a token is configured, else none")
+    serve.add_argument("--health-port", type=int, default=None,
+                       help="extra plaintext port serving only grpc.health.v1, for Kubernetes probes of a TLS port")
 
     endpoint_help = f"service address HOST:PORT (default ${ENDPOINT_ENV} or {default_endpoint()})"
+    tls_ca_help = "PEM CA that signed the service's TLS certificate (default $NANWATCH_TLS_CA; unset: plaintext)"
     runs = commands.add_parser("runs", help="list runs, newest first")
     runs.add_argument("--endpoint", default=None, help=endpoint_help)
+    runs.add_argument("--tls-ca", default=None, help=tls_ca_help)
     runs.add_argument("--limit", type=int, default=50, help="maximum number of runs (default 50)")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     status = commands.add_parser("status", help="the staged checklist and findings of a run")
     status.add_argument("run_id", metavar="RUN_ID")
     status.add_argument("--endpoint", default=None, help=endpoint_help)
+    status.add_argument("--tls-ca", default=None, help=tls_ca_help)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     halt = commands.add_parser("halt", help="halt every rank of a run at its next step")
     halt.add_argument("run_id", metavar="RUN_ID")
     halt.add_argument("--reason", required=True, help="why the run is halted; shown on every rank")
     halt.add_argument("--endpoint", default=None, help=endpoint_help)
+    halt.add_argument("--tls-ca", default=None, help=tls_ca_help)
 
     add_run_parser(commands)
 

@@ -32,6 +32,7 @@ from nanwatch.cli.report import render_status, status_to_json
 from nanwatch.endpoint import ENDPOINT_ENV, validate_endpoint
 from nanwatch.errors import HALT_EXIT_CODE_ENV, halt_exit_code
 from nanwatch.run_id import RUN_ID_ENV, validate_run_id
+from nanwatch.service.auth import AuthConfigError, bearer_metadata, read_client_tls, read_token
 from nanwatch.v1 import nanwatch_pb2 as pb
 from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
 
@@ -149,11 +150,21 @@ def _read_halt_markers(run_dir: Path) -> list[dict[str, object]]:
 
 
 def _fetch_status(endpoint: str, run_id: str) -> pb.RunStatus | None:
-    """Return the run's status, or None when the service is unreachable or never saw the run."""
-    with grpc.insecure_channel(endpoint) as channel:
+    """Return the run's status, or None when the service is unreachable or never saw the run.
+
+    TLS and the token come from the same environment variables the training processes read.
+    """
+    try:
+        tls = read_client_tls(None)
+        metadata = bearer_metadata(read_token())
+    except AuthConfigError as error:
+        logger.warning("no status for run %s: %s", run_id, error)
+        return None
+    channel = grpc.secure_channel(endpoint, tls.credentials()) if tls else grpc.insecure_channel(endpoint)
+    with channel:
         try:
             return pb_grpc.NanwatchStub(channel).GetRunStatus(pb.GetRunStatusRequest(run_id=run_id),
-                                                              timeout=DEADLINE_S)
+                                                              timeout=DEADLINE_S, metadata=metadata)
         except grpc.RpcError as error:
             logger.warning("no status for run %s from %s: %s", run_id, endpoint, error.details())  # type: ignore[attr-defined]
             return None

@@ -242,7 +242,7 @@ class ParameterGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "loss", "loss_finite", "grad_norm", "parameter_grad_norms", "nonfinite_grad_count", "param_norm", "update_norm", "lr", "loss_scale", "batch", "forward_trace", "halted_locally", "dropped_reports", "sent_unix_s", "activations", "autocast_dtype", "output_shape", "output_checked", "output_finite", "clip_max_norm", "clip_total_norm")
+    __slots__ = ("step", "loss", "loss_finite", "grad_norm", "parameter_grad_norms", "nonfinite_grad_count", "param_norm", "update_norm", "lr", "loss_scale", "batch", "forward_trace", "halted_locally", "dropped_reports", "sent_unix_s", "activations", "autocast_dtype", "output_shape", "output_checked", "output_finite", "clip_max_norm", "clip_total_norm", "client_finding", "loss_function")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FINITE_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,8 @@ class StepReport(_message.Message):
     OUTPUT_FINITE_FIELD_NUMBER: _ClassVar[int]
     CLIP_MAX_NORM_FIELD_NUMBER: _ClassVar[int]
     CLIP_TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FINDING_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     loss_finite: bool
@@ -287,7 +289,9 @@ class StepReport(_message.Message):
     output_finite: bool
     clip_max_norm: float
     clip_total_norm: float
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., loss_finite: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., parameter_grad_norms: _Optional[_Iterable[_Union[ParameterGradNorm, _Mapping]]] = ..., nonfinite_grad_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_norm: _Optional[float] = ..., lr: _Optional[float] = ..., loss_scale: _Optional[float] = ..., batch: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., halted_locally: _Optional[bool] = ..., dropped_reports: _Optional[int] = ..., sent_unix_s: _Optional[float] = ..., activations: _Optional[_Iterable[_Union[LayerActivation, _Mapping]]] = ..., autocast_dtype: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_checked: _Optional[bool] = ..., output_finite: _Optional[bool] = ..., clip_max_norm: _Optional[float] = ..., clip_total_norm: _Optional[float] = ...) -> None: ...
+    client_finding: Finding
+    loss_function: str
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., loss_finite: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., parameter_grad_norms: _Optional[_Iterable[_Union[ParameterGradNorm, _Mapping]]] = ..., nonfinite_grad_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_norm: _Optional[float] = ..., lr: _Optional[float] = ..., loss_scale: _Optional[float] = ..., batch: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., halted_locally: _Optional[bool] = ..., dropped_reports: _Optional[int] = ..., sent_unix_s: _Optional[float] = ..., activations: _Optional[_Iterable[_Union[LayerActivation, _Mapping]]] = ..., autocast_dtype: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_checked: _Optional[bool] = ..., output_finite: _Optional[bool] = ..., clip_max_norm: _Optional[float] = ..., clip_total_norm: _Optional[float] = ..., client_finding: _Optional[_Union[Finding, _Mapping]] = ..., loss_function: _Optional[str] = ...) -> None: ...
 
 class LayerActivation(_message.Message):
     __slots__ = ("name", "type", "numel", "std", "max_abs", "nonfinite_count", "saturated_fraction", "input_nan_count", "input_inf_count")

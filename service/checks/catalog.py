@@ -28,6 +28,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               "Drop or mask samples with NaN/Inf before the forward pass, or fix the data source."),
     CheckSpec(1, "DATA_TARGET_RANGE", "Class targets are in [0, num_classes)",
               "Map the labels to 0..num_classes-1, or give the last layer one output per class."),
+    CheckSpec(1, "DATA_RANK_SCALE", "Every rank's batches are on the same scale",
+              "Normalize every data shard the same way; compare per-shard mean and std."),
     CheckSpec(1, "DATA_FP16_OVERFLOW", "Batch values fit the float16 range (max 65504)",
               "Normalize the inputs, or train this tensor's path in bfloat16 or float32."),
     CheckSpec(1, "DATA_CONSTANT", "No constant batch tensor at a non-finite step",

@@ -39,7 +39,7 @@ def _check_parameter(
     if not _is_weight_matrix(parameter):
         return None  # biases and norm weights are fine at 0 or 1
     if parameter.min == 0.0 and parameter.max == 0.0:
-        return _all_zero_finding(parameter, where)
+        return _all_zero_finding(parameter, where) if _is_layer_weight(parameter) else None
     if parameter.min == parameter.max and _fan_in(parameter) >= 2 and parameter.shape[0] >= 2:
         return _constant_finding(parameter, where)
     return _scale_finding(parameter, where, thresholds)
@@ -52,6 +52,13 @@ def _is_nonfinite(parameter: pb.ParameterInfo) -> bool:
 
 def _is_weight_matrix(parameter: pb.ParameterInfo) -> bool:
     return len(parameter.shape) >= 2 and _numel(parameter) >= 2
+
+
+def _is_layer_weight(parameter: pb.ParameterInfo) -> bool:
+    """Return whether the parameter is the weight of a layer, not a free tensor such as a zero-init position table."""
+    name = parameter.name
+    return name.endswith(("weight", *_WEIGHT_NORM_DIRECTION_SUFFIXES)) or parameter.module_type.startswith(
+        ("Linear", "Conv", "Bilinear"))
 
 
 def _numel(parameter: pb.ParameterInfo) -> int:
@@ -103,7 +110,11 @@ def _all_zero_finding(parameter: pb.ParameterInfo, where: Where) -> pb.Finding:
             f"Initialize '{name}' randomly and put a small or zero magnitude g instead, or drop "
             f"weight_norm on '{_layer_of(name)}'."
         )
+        severity = pb.SEVERITY_WARNING
     else:
+        # A zero-init output, residual or LoRA-B layer is a common, deliberate choice and cannot
+        # by itself make a value non-finite, so it is advice rather than a cause.
+        severity = pb.SEVERITY_INFO
         message = (
             f"Weight matrix '{name}' {_shape_text(parameter)} on rank {where.rank} is all zero before "
             f"the first step. Unless this is a deliberate zero-init of an output, residual or "
@@ -113,7 +124,7 @@ def _all_zero_finding(parameter: pb.ParameterInfo, where: Where) -> pb.Finding:
             f"Initialize '{name}' randomly (nn.init.kaiming_uniform_ or xavier_uniform_), or keep "
             f"the zero-init only on an output/residual layer that nothing normalizes."
         )
-    return new_finding("INIT_ALL_ZERO", pb.SEVERITY_WARNING, where, message=message, fix=fix,
+    return new_finding("INIT_ALL_ZERO", severity, where, message=message, fix=fix,
                        tensor=name, layer=_layer_of(name), values=_stats(parameter))
 
 

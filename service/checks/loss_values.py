@@ -24,6 +24,8 @@ class StepFacts:
     clipping_enabled: bool = False
     targets_checked: bool = True
     """False when no batch tensor of the step was named like targets, so they may be the NaN source."""
+    output_module: str = ""
+    """Type of the model's last leaf module in the first forward pass, such as "Sigmoid"; may be empty."""
 
 
 def has_finite_inputs(report: pb.StepReport, facts: StepFacts) -> bool:
@@ -41,7 +43,11 @@ def check_step_values(report: pb.StepReport, facts: StepFacts, where: Where, thr
         return []  # a model may output -inf on purpose (masked logits); only a non-finite step counts
     if has_nonfinite_loss(report):
         return [_loss_finding(report, facts, where)]
-    if has_nonfinite_gradient(report) and math.isfinite(report.loss) and report.loss_scale <= 0.0:
+    # An infinite norm seen by clip_grad_norm_ means gradients overflowed (clipping then turned
+    # them into NaN): that is a gradient-scale problem, not a NaN-producing backward op.
+    is_overflow = math.isinf(report.clip_total_norm)
+    if (has_nonfinite_gradient(report) and math.isfinite(report.loss) and report.loss_scale <= 0.0
+            and not is_overflow):
         return [_backward_finding(report, facts, where, thresholds)]
     return []
 
@@ -69,11 +75,35 @@ def _loss_finding(report: pb.StepReport, facts: StepFacts, where: Where) -> pb.F
     loss_name = facts.loss_function or "the loss function"
     values = {"loss": format_number(report.loss), "output_finite": "true",
               "targets_checked": "true" if facts.targets_checked else "false"}
+    if facts.output_module in _PROBABILITY_OUTPUTS:
+        return _saturated_output_finding(report, facts.output_module, loss_name, values, where)
     finding = _loss_function_finding(report, loss_name, values, where)
     if not facts.targets_checked:
         finding.message += _UNCHECKED_TARGETS
         finding.fix = f"Check the targets of step {where.step} for NaN/Inf first. " + finding.fix
     return finding
+
+
+# Output modules whose values a hand-written loss takes the log of; code and the logits-based fix.
+_PROBABILITY_OUTPUTS = {
+    "Sigmoid": ("LOSS_SIGMOID_BCE", "drop the Sigmoid and use nn.BCEWithLogitsLoss on the logits"),
+    "Softmax": ("LOSS_SOFTMAX_LOG", "drop the Softmax and use nn.CrossEntropyLoss (or LogSoftmax + NLLLoss) "
+                                    "on the logits"),
+}
+
+
+def _saturated_output_finding(report: pb.StepReport, output_module: str, loss_name: str,
+                              values: dict[str, str], where: Where) -> pb.Finding:
+    """Return the stage-3 cause when a loss goes non-finite on the finite output of a Sigmoid or Softmax."""
+    code, remedy = _PROBABILITY_OUTPUTS[output_module]
+    message = (
+        f"The loss on rank {where.rank} at step {where.step} is {format_number(report.loss)} while the model "
+        f"output is finite, and the model ends in {output_module}: in float32 its output saturates to exactly "
+        f"0 or 1, so a log of it inside {loss_name} is -inf and 0 * log(0) is NaN."
+    )
+    fix = f"Compute the loss on the logits: {remedy}; apply {output_module} only for metrics."
+    values = {**values, "output_module": output_module}
+    return new_finding(code, pb.SEVERITY_CRITICAL, where, message=message, fix=fix, values=values)
 
 
 def _loss_function_finding(report: pb.StepReport, loss_name: str, values: dict[str, str], where: Where) -> pb.Finding:

@@ -26,7 +26,7 @@ from tests.deploy.tools import DOCKERFILE, REPO
 INSTALL_TIMEOUT_S = 600
 START_TIMEOUT_S = 60
 RPC_DEADLINE_S = 10
-SERVING_LINE = re.compile(r"serving gRPC on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics")
+SERVING_LINE = re.compile(r"serving gRPC .*?on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
 def _copy_build_context(context: Path) -> None:

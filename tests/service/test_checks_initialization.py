@@ -81,17 +81,24 @@ def test_nonfinite_bias_critical() -> None:
     assert finding.code == "INIT_NONFINITE"
 
 
-def test_zero_weight_warning() -> None:
+def test_zero_weight_is_advice() -> None:
+    # A zero-init output or residual layer is deliberate in many models and cannot make NaN alone.
     [finding] = check_parameters([_info("4.weight", np.zeros((1, 64)))], WHERE, THRESHOLDS)
     assert finding.code == "INIT_ALL_ZERO"
-    assert finding.severity == pb.SEVERITY_WARNING
+    assert finding.severity == pb.SEVERITY_INFO
     assert "all zero" in finding.message
+
+
+def test_zero_free_parameter_silent() -> None:
+    # A zero-init learned position table is not a layer weight.
+    assert check_parameters([_info("position", np.zeros((1, 8, 16)), "Encoder")], WHERE, THRESHOLDS) == []
 
 
 def test_zero_weight_norm_direction_named() -> None:
     name = "4.parametrizations.weight.original1"
     [finding] = check_parameters([_info(name, np.zeros((1, 64)), "ParametrizationList")], WHERE, THRESHOLDS)
     assert finding.code == "INIT_ALL_ZERO"
+    assert finding.severity == pb.SEVERITY_WARNING
     assert "0/0" in finding.message
     assert finding.evidence.layer == "4"
     assert "weight_norm on '4'" in finding.fix

@@ -1,0 +1,50 @@
+"""Smoke test: every benchmark's quick path still runs end to end at tiny sizes (no timing assertions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import run
+
+TINY = run.Config(
+    name="smoke", overhead_rounds=1, overhead_steps=1, hot_path_rounds=1, hot_path_repeats=1, sync_steps=1,
+    rank_counts=(4,), throughput_rounds=1, warmup_s=0.2, measure_s=0.3, halt_ranks=4, halt_trials=2,
+    model_sizes=(20_000,), scaling_rounds=1,
+    workloads={"transformer": {"width": 16, "layers": 1, "seq_len": 8, "batch": 2, "vocab": 50},
+               "mlp": {"parameter_count": 20_000, "batch": 4}},
+)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> str:
+    output = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    threads = torch.get_num_threads()
+    try:
+        run.run_all(TINY, output, "pytest smoke")
+    finally:
+        torch.set_num_threads(threads)
+    return output.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("section", ["## Targets", "## Client", "## Service", "## Scaling"])
+def test_report_has_section(written: str, section: str) -> None:
+    assert section in written
+
+
+@pytest.mark.parametrize("row", [
+    "| plain step |", "| torch.autograd.detect_anomaly |", "| nanwatch |", "| sink |", "| echo |",
+    "| HALT on every rank |",
+])
+def test_report_has_row(written: str, row: str) -> None:
+    assert row in written
+
+
+def test_report_names_command(written: str) -> None:
+    assert "Command: `pytest smoke`" in written
+
+
+def test_report_names_machine(written: str) -> None:
+    assert "- grpcio:" in written

@@ -1,0 +1,1 @@
+"""Reliability tests: security, hostile input, restarts and outages."""
