@@ -11,9 +11,11 @@ training script changes:
 - a common ``torch.nn.functional`` loss called outside any module gives the
   loss function's name and the targets;
 - the scalar tensor on which ``backward()`` is called is taken as the loss;
-- each optimizer gets its Watcher at the first loss, backward or ``step()``
-  after a root module that owns its parameters ran, so registration and its
-  static checks come before the first update.
+- each optimizer gets its Watcher when a root module that holds all of its
+  parameters is first called (else at the first loss, backward or ``step()``,
+  with the root module that holds the most of them), so registration, its
+  static checks and the trace of the first forward pass come before the first
+  update.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class AutoWatch:
         # Optimizers whose parameters no seen module owns; they are not watched.
         self._unwatched: set[int] = set()
         self._watcher_by_root: dict[int, Watcher] = {}
+        # Submodules of watched models: called directly (model[0](x) for diagnostics) they are not roots.
+        self._watched_submodules: set[int] = set()
         self._current: Watcher | None = None
         self._loss_name: str | None = None
-        # Batch tensors and losses seen before the first optimizer step created a Watcher.
+        # Batch tensors and losses seen before any Watcher existed.
         self._pending_batch: dict[str, torch.Tensor] = {}
         self._pending_loss: torch.Tensor | None = None
         self._handles: list[Any] = []
@@ -113,11 +117,15 @@ class AutoWatch:
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         # NOTE: torch's global forward pre-hook receives positional arguments only, so the
         # inputs of a model called with keywords alone (model(input_ids=...)) go unchecked.
+        if id(module) in self._watched_submodules:
+            return
         self._remember_root(module)
         tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
         names = ["inputs"] if len(tensors) == 1 else [f"inputs{index}" for index in range(len(tensors))]
-        # Created before the model's first forward runs, the Watcher traces that forward too.
-        watcher = self._ensure_watcher()
+        # Created before the model's first forward runs, the Watcher traces that forward too. Only a
+        # module that owns all of an optimizer's parameters qualifies here, so that a submodule
+        # called on its own before the model (model[0](x)) is not taken for the model.
+        watcher = self._ensure_watcher(complete_owner_only=True)
         self._check_batch(watcher, dict(zip(names, tensors)))
 
     def _on_loss_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -253,27 +261,28 @@ class AutoWatch:
         if watcher is not None:
             watcher.step_post_hook(optimizer, args, kwargs)
 
-    def _ensure_watcher(self) -> Watcher | None:
-        """Return the Watcher of the latest root module, creating it when an optimizer owns its parameters."""
+    def _ensure_watcher(self, *, complete_owner_only: bool = False) -> Watcher | None:
+        """Return the Watcher of the latest root module, creating it when an optimizer's parameters are in it."""
         root = self._roots[-1]() if self._roots else None
         if root is None:
             return self._current
         watcher = self._watcher_by_root.get(id(root))
         if watcher is None:
-            optimizer = self._find_optimizer(root)
+            optimizer = self._find_optimizer(root, complete_owner_only=complete_owner_only)
             if optimizer is not None:
                 watcher = self._create_watcher(optimizer)
         if watcher is not None:
             self._current = watcher
-        return watcher
+        return watcher or self._current
 
-    def _find_optimizer(self, root: nn.Module) -> torch.optim.Optimizer | None:
+    def _find_optimizer(self, root: nn.Module, *, complete_owner_only: bool) -> torch.optim.Optimizer | None:
         owned = {id(param) for param in root.parameters()}
         for optimizer in list(self._optimizers):
             if id(optimizer) in self._watchers or id(optimizer) in self._unwatched:
                 continue
-            params = (param for group in optimizer.param_groups for param in group["params"])
-            if any(id(param) in owned for param in params):
+            params = [id(param) for group in optimizer.param_groups for param in group["params"]]
+            inside = [param in owned for param in params]
+            if all(inside) if complete_owner_only else any(inside):
                 return optimizer
         return None
 
@@ -287,16 +296,20 @@ class AutoWatch:
         watcher = Watcher(model, optimizer, self._loss_name, install_hooks=False)
         self._watchers[id(optimizer)] = watcher
         self._watcher_by_root[id(model)] = watcher
+        self._watched_submodules.update(id(module) for module in model.modules() if module is not model)
         self._replay_pending(watcher)
         return watcher
 
     def _find_owner(self, optimizer: torch.optim.Optimizer) -> nn.Module | None:
+        """Return the recent root module that holds the most of the optimizer's parameters."""
         wanted = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        best, best_count = None, 0
         for ref in reversed(self._roots):
             module = ref()
-            if module is not None and any(id(param) in wanted for param in module.parameters()):
-                return module
-        return None
+            count = sum(1 for param in module.parameters() if id(param) in wanted) if module is not None else 0
+            if count > best_count:
+                best, best_count = module, count
+        return best
 
     def _replay_pending(self, watcher: Watcher) -> None:
         if self._pending_batch:

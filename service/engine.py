@@ -13,7 +13,7 @@ from nanwatch.service.checks import (
     activations, data, data_ranks, data_values, gradient_trends, gradients, hyperparameters, initialization, loss,
     loss_trends, loss_values, monitoring, updates,
 )
-from nanwatch.service.checks.catalog import Where
+from nanwatch.service.checks.catalog import Where, format_number
 from nanwatch.service.rank_state import RankState, RunState
 from nanwatch.service.thresholds import Thresholds
 from nanwatch.v1 import nanwatch_pb2 as pb
@@ -91,6 +91,7 @@ class CheckEngine:
             findings += self._check_parameters_after_update(run, state, report, where)
             findings += self._check_step_values(run, state, report, where)
             findings += self._check_updates(run, state, report, where)
+            findings += self._check_scheduled_lr(run, state, report, where)
             findings += self._check_loss(run, state, report, where)
             findings += self._check_incident(run, state, report, where)
             return _by_stage(findings)
@@ -173,6 +174,23 @@ class CheckEngine:
             findings += hyperparameters.check_autocast_scaler(rank.autocast_dtype, has_scaler, where)
             findings += loss.check_bce_float16(rank.loss_function, rank.float16_source, where)
         return findings
+
+    def _check_scheduled_lr(self, run: RunState, rank: RankState, report: pb.StepReport,
+                            where: Where) -> list[pb.Finding]:
+        """Return LR_TOO_HIGH once when a schedule raised the lr far above the usual range after registration."""
+        registered = rank.optimizer
+        if registered is None or not hyperparameters.is_lr_checked(registered) or report.lr <= registered.lr:
+            return []
+        run.evaluated.add("LR_TOO_HIGH")
+        current = pb.OptimizerInfo(type=registered.type, lr=report.lr)
+        findings = hyperparameters.check_learning_rate(current, where, self._thresholds)
+        if not findings or not rank.first_time("LR_TOO_HIGH scheduled"):
+            return []
+        finding = findings[0]
+        finding.message += (f" It started at lr {format_number(registered.lr)}: the learning-rate schedule "
+                            f"raised it to {format_number(report.lr)} by step {where.step}.")
+        finding.fix += " Check the scheduler (a warm-up without a cap, or a factor applied every epoch)."
+        return [finding]
 
     def _check_hyperparameters(
         self, run: RunState, request: pb.RegisterRankRequest, where: Where
@@ -296,7 +314,8 @@ class CheckEngine:
         leaf = loss.last_leaf(rank.trace)
         facts = loss_values.StepFacts(batch_finite=_is_batch_finite(report), loss_function=rank.loss_function,
                                       layer_order=rank.layer_order, clipping_enabled=rank.is_clipping,
-                                      targets_checked=targets_checked, output_module=leaf.type if leaf else "")
+                                      targets_checked=targets_checked, output_module=leaf.type if leaf else "",
+                                      world_size=run.comparer.world_size if run.comparer is not None else 1)
         return loss_values.check_step_values(report, facts, where, self._thresholds)
 
     def _check_updates(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:

@@ -20,6 +20,7 @@ class RankState:
     grad_norms: deque[float]
     loss_tracker: LossTracker
     loss_function: str = ""
+    optimizer: pb.OptimizerInfo | None = None
     clipping: pb.ClippingInfo | None = None
     amp: pb.AmpInfo | None = None
     has_float16_parameters: bool = False
@@ -45,7 +46,8 @@ class RankState:
 
     def register(self, request: pb.RegisterRankRequest) -> None:
         """Store the facts of a registration."""
-        self.loss_function = request.loss_function
+        self.loss_function = request.loss_function or self.loss_function
+        self.optimizer = request.optimizer if request.HasField("optimizer") else None
         self.clipping = request.clipping if request.HasField("clipping") else None
         self.amp = request.amp if request.HasField("amp") else None
         self.has_float16_parameters = bool(float16_parameters(request.parameters))

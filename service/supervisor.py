@@ -385,10 +385,10 @@ def _check_stream_owner(run: LiveRun, start: pb.WatchStart) -> None:
 
 
 def _first_rank(halt: HaltRecord | None, primary: pb.Finding | None) -> int:
-    """Return the rank that showed the primary cause at the halt step, else the rank that triggered the halt."""
+    """Return the rank that showed the primary cause during the run, else the rank that triggered the halt."""
     if halt is None:
         return -1
-    if primary is not None and primary.evidence.step == halt.step:
+    if primary is not None and 0 <= primary.evidence.step <= halt.step:
         return primary.evidence.rank
     return halt.first_rank
 

@@ -26,6 +26,7 @@ class StepFacts:
     """False when no batch tensor of the step was named like targets, so they may be the NaN source."""
     output_module: str = ""
     """Type of the model's last leaf module in the first forward pass, such as "Sigmoid"; may be empty."""
+    world_size: int = 1
 
 
 def has_finite_inputs(report: pb.StepReport, facts: StepFacts) -> bool:
@@ -161,6 +162,9 @@ def _backward_finding(report: pb.StepReport, facts: StepFacts, where: Where, thr
         f"({format_number(report.loss)}) are finite: an operation has a finite forward and a NaN/Inf "
         f"backward.{located}"
     )
+    if facts.world_size > 1:
+        message += (" With several ranks, NaN gradients of another rank also arrive here through the "
+                    "all-reduce: check the other ranks' findings of this step first.")
     after = f" after '{layer}'" if layer else ""
     fix = (
         f"Look at the operations{after}: sqrt or norm of 0 (add an eps inside: sqrt(x + 1e-12)), pow with "

@@ -73,4 +73,4 @@ def test_job_entrypoint_nanwatch_run(job: dict[str, Any]) -> None:
 def test_job_client_environment(job: dict[str, Any]) -> None:
     env = {e["name"]: e for e in _trainer(job)["env"]}
     assert env["NANWATCH_ENDPOINT"]["value"] == "nanwatch:50051"
-    assert env["NANWATCH_RUN_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['job-name']"
+    assert env["NANWATCH_RUN_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['controller-uid']"
