@@ -26,6 +26,8 @@ MAX_NAMES_IN_REASON = 5
 # The update norm ||delta w|| is measured on every this-many-th step: a copy of the
 # parameters exists only during those steps.
 UPDATE_NORM_EVERY = 10
+# The code bits that the float64 recheck of overflowed norms can clear.
+NORM_REASONS = int(Reason.GRADIENT) | int(Reason.PARAMETERS)
 
 
 @dataclass(kw_only=True)
@@ -54,6 +56,8 @@ class _Measurement:
     code: torch.Tensor
     parts: list[torch.Tensor] = field(default_factory=list)
     grad_indices: list[int] = field(default_factory=list)
+    norm_tensors: list[torch.Tensor] = field(default_factory=list)
+    """The gradients, then the parameters, whose float32 norms are parts[4] and parts[5]."""
     entries: list[BatchEntry] = field(default_factory=list)
     extras: dict[str, int] = field(default_factory=dict)
     """Index in parts of each optional value: "output_bad", "update_norm", "clip_total", "activations"."""
@@ -82,7 +86,6 @@ class StepChecker:
     def __init__(self, context: StepContext) -> None:
         self.context = context
         self.state = StepState()
-        self._param_norms: torch.Tensor | None = None
         self._trace_sent = False
         self._logged_failure = False
         self._snapshot: list[torch.Tensor] | None = None
@@ -112,16 +115,18 @@ class StepChecker:
             return self._decide_from_codes(step, [int(c) for c in codes.tolist()], halt_signal)
 
     def after_update(self) -> None:
-        """Measure parameter norms after the update (read at the next step) and reset the step state."""
+        """Measure the update norm on its steps and reset the step state.
+
+        The parameter norms after this update are measured at the next step's check,
+        in the same fused pass as the gradient norms: nothing between the two changes
+        the parameters except code that writes them on purpose, which that pass then sees.
+        """
         self.state.reset()
         self._clip = None
         try:
-            params = [param.tensor for param in self.context.parameters]
-            self._param_norms = foreach_norms(params)
-            self._measure_update(params)
+            self._measure_update([param.tensor for param in self.context.parameters])
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
-            self._log_failure("measuring parameter norms")
-            self._param_norms = None
+            self._log_failure("measuring the update norm")
             self._snapshot = None
 
     def _measure_update(self, params: list[torch.Tensor]) -> None:
@@ -153,11 +158,13 @@ class StepChecker:
         device = params[0].device if params else torch.device("cpu")
         grad_indices = [index for index, param in enumerate(params) if param.grad is not None]
 
-        # Norms per tensor, then the total norm as clip_grad_norm_ computes it.
-        grad_norms = foreach_norms([params[index].grad for index in grad_indices]).to(device)
-        param_norms = self._param_norms if self._param_norms is not None else foreach_norms(params)
+        # Norms per tensor in one fused float32 pass over the gradients and the parameters
+        # (as they are after the previous update), then the totals as clip_grad_norm_ computes them.
+        norm_tensors = [params[index].grad for index in grad_indices] + params
+        norms = foreach_norms(norm_tensors).to(device)
+        grad_norms, param_norms = norms[: len(grad_indices)], norms[len(grad_indices) :]
         grad_total = total_norm(grad_norms)
-        param_total = total_norm(param_norms.to(device))
+        param_total = total_norm(param_norms)
 
         state = self.state
         loss = state.loss.to(device) if state.loss is not None else torch.tensor(math.nan, device=device)
@@ -174,7 +181,8 @@ class StepChecker:
         entries = list(state.batch)
         parts = [loss, loss_bad, grad_total, param_total, grad_norms, param_norms, self._loss_scale(device)]
         parts += [entry.stats for entry in entries] + [entry.sample_mask for entry in entries]
-        measurement = _Measurement(code=code, parts=parts, grad_indices=grad_indices, entries=entries)
+        measurement = _Measurement(code=code, parts=parts, grad_indices=grad_indices, entries=entries,
+                                   norm_tensors=norm_tensors)
         self._add_extras(measurement, device)
         return measurement
 
@@ -213,6 +221,8 @@ class StepChecker:
     def _decide(self, step: int, measurement: _Measurement, codes: torch.Tensor, halt_signal: pb.Signal | None) -> StepOutcome:
         host = fetch_to_host([*measurement.parts, codes])
         code_values = [int(value) for value in host[-1]]
+        if any(code & NORM_REASONS for code in code_values):
+            code_values = self._recheck_norms(measurement, host, code_values)
         if not measurement.parts:
             return self._decide_from_codes(step, code_values, halt_signal)
 
@@ -220,6 +230,42 @@ class StepChecker:
         halt = self._decide_halt(step, code_values, details, halt_signal, report)
         report.halted_locally = halt is not None
         return StepOutcome(report=report, halt=halt)
+
+    def _recheck_norms(self, measurement: _Measurement, host: list[list[float]], codes: list[int]) -> list[int]:
+        """Recompute inf float32 norms in float64, correct this rank's code and exchange the codes again.
+
+        This is the rare path: some rank flagged its gradients or parameters. Every rank
+        saw the same codes, so every rank runs this second exchange, which keeps the
+        collectives in step. It costs a second host synchronization (a third for the
+        norms on a rank that has inf norms) only on steps where a halt is likely anyway.
+        """
+        agreement = self.context.agreement
+        own = codes[agreement.index] if agreement.index < len(codes) else max(codes)
+        try:
+            if measurement.parts:
+                own = self._recheck_own_code(measurement, host, own)
+        except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+            self._log_failure("rechecking overflowed norms")
+        return [int(code) for code in agreement.exchange(torch.tensor(own, dtype=torch.int64)).tolist()]
+
+    def _recheck_own_code(self, measurement: _Measurement, host: list[list[float]], own: int) -> int:
+        """Replace inf norms in host by their float64 values and return own with GRADIENT/PARAMETERS updated."""
+        grad_count = len(measurement.grad_indices)
+        values = host[4] + host[5]
+        # An inf (not NaN) norm comes from an inf element or from a float32 sum of squares that overflowed.
+        suspects = [index for index, value in enumerate(values) if math.isinf(value)]
+        if suspects:
+            exact = foreach_norms([measurement.norm_tensors[index] for index in suspects], exact=True).tolist()
+            for index, value in zip(suspects, exact):
+                values[index] = value
+            logger.info("nanwatch rank %d: %d norms overflowed float32; %d are finite in float64",
+                        self.context.rank, len(suspects), sum(math.isfinite(value) for value in exact))
+        host[4], host[5] = values[:grad_count], values[grad_count:]
+        host[2], host[3] = [_host_total(host[4])], [_host_total(host[5])]
+        own &= ~NORM_REASONS
+        own |= 0 if math.isfinite(host[2][0]) else int(Reason.GRADIENT)
+        own |= 0 if math.isfinite(host[3][0]) else int(Reason.PARAMETERS)
+        return own
 
     def _decide_from_codes(self, step: int, codes: list[int], halt_signal: pb.Signal | None) -> StepOutcome:
         report = pb.StepReport(step=step, loss=math.nan, loss_finite=True, update_norm=math.nan)
@@ -302,6 +348,13 @@ class StepChecker:
             self._logged_failure = True
             logger.exception("nanwatch rank %d: %s failed; training continues with fewer checks",
                              self.context.rank, what)
+
+
+def _host_total(norms: Sequence[float]) -> float:
+    """Return the 2-norm of norms on the host: NaN when one is NaN, inf only when one is inf or it overflows."""
+    if any(math.isnan(value) for value in norms):
+        return math.nan
+    return math.hypot(*norms)
 
 
 def _flag(flag: torch.Tensor | None, device: torch.device) -> torch.Tensor:

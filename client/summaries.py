@@ -114,13 +114,17 @@ def build_tensor_summary(entry: BatchEntry, stats: Sequence[float], sample_mask:
     )
 
 
-def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Return the norm of each tensor in float64, in input order, on the first tensor's device.
+def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *, exact: bool = False) -> torch.Tensor:
+    """Return the norm of each tensor, in input order, on the first tensor's device.
 
     torch._foreach_norm runs once per (device, dtype) group, as clip_grad_norm_ does.
-    Accumulating in float64 makes a norm non-finite only when an element is: the
-    squares of finite float32 gradients above about 1.8e19 overflow a float32 sum.
-    NOTE: MPS has no float64, so there a norm can overflow while every element is finite.
+    By default float32 and float64 tensors accumulate in their own dtype and half
+    types in float32: one fused pass, 4-6x faster on the CPU than float64. A float32
+    norm is NaN only when an element is NaN, but it is inf when an element is inf or
+    when the sum of squares overflows (finite elements above about 1.8e19). Callers
+    recompute such inf norms with exact=True, which accumulates in float64 (float32
+    on MPS, which has no float64) as the norms of the reference check did.
+    The result is float64 when any norm is, else float32.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -130,12 +134,20 @@ def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> to
 
     target = tensors[0].device
     norms: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for indices in groups.values():
+    for (device, dtype), indices in groups.items():
         group = [_dense(tensors[index]) for index in indices]
-        accumulate = stats_dtype(group[0].device)
+        accumulate = stats_dtype(device) if exact else _fast_accumulate_dtype(dtype)
         for index, norm in zip(indices, torch._foreach_norm(group, norm_type, dtype=accumulate)):
-            norms[index] = norm.to(target)
-    return torch.stack(norms)
+            norms[index] = norm
+    result_dtype = torch.float64 if any(norm.dtype == torch.float64 for norm in norms) else torch.float32
+    return torch.stack([norm.to(device=target, dtype=result_dtype) for norm in norms])
+
+
+def _fast_accumulate_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Return None (the tensor's own dtype) for float32, float64 and complex tensors, else float32."""
+    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
+        return None
+    return torch.float32
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -145,6 +157,8 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
 
 def total_norm(norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
     """Return the norm of per-tensor norms, which equals the norm over all their elements."""
+    dtype = stats_dtype(norms.device)
     if norms.numel() == 0:
-        return torch.zeros((), dtype=torch.float64, device=norms.device)
-    return torch.linalg.vector_norm(norms, norm_type)
+        return torch.zeros((), dtype=dtype, device=norms.device)
+    # One value per tensor: float64 here is cheap, and finite float32 norms cannot overflow it.
+    return torch.linalg.vector_norm(norms, norm_type, dtype=dtype)

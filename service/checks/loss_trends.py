@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import deque
@@ -113,8 +114,8 @@ class RankLossComparer:
         return self._compare(run_id, report.step, losses, thresholds)
 
     def _compare(self, run_id: str, step: int, losses: dict[int, float], thresholds: Thresholds) -> list[pb.Finding]:
-        deviations = {rank: abs(loss - statistics.median(v for r, v in losses.items() if r != rank))
-                      for rank, loss in losses.items()}
+        others = leave_one_out_medians(losses)
+        deviations = {rank: abs(loss - others[rank]) for rank, loss in losses.items()}
         spread = statistics.median(self.spreads) if len(self.spreads) >= 3 * self.world_size else None
         self.spreads.extend(deviations.values())
         if spread is None:
@@ -126,12 +127,39 @@ class RankLossComparer:
             self.streaks[rank] = self.streaks.get(rank, 0) + 1 if is_outlier else 0
             if self.streaks[rank] >= thresholds.rank_outlier_patience and rank not in self.reported:
                 self.reported.add(rank)
-                findings.append(_outlier_finding(losses, rank, scale, Where(run_id=run_id, rank=rank, step=step)))
+                where = Where(run_id=run_id, rank=rank, step=step)
+                findings.append(_outlier_finding(losses, rank, others[rank], scale, where))
         return findings
 
 
-def _outlier_finding(losses: dict[int, float], rank: int, spread: float, where: Where) -> pb.Finding:
-    others = statistics.median(v for r, v in losses.items() if r != rank)
+def leave_one_out_medians(values: dict[int, float]) -> dict[int, float]:
+    """Return, for each key, the median of all the other values; O(n log n) for n values.
+
+    The values are sorted once. Without the value at sorted position i, the remaining
+    list reads sorted[k] below i and sorted[k + 1] from i on, so its median is one or
+    two of the middle values; equal values give the same remaining list whichever of
+    them is left out. The mean of two middles is computed as statistics.median does.
+    """
+    ordered = sorted(values.values())
+    count = len(ordered) - 1
+    if count < 1:
+        raise ValueError(f"leave_one_out_medians needs at least 2 values, got {len(ordered)}; pass more ranks")
+    return {key: _median_without(ordered, bisect.bisect_left(ordered, value), count)
+            for key, value in values.items()}
+
+
+def _median_without(ordered: list[float], position: int, count: int) -> float:
+    """Return the median of ordered without the element at position; count is len(ordered) - 1."""
+    def remaining(index: int) -> float:
+        return ordered[index] if index < position else ordered[index + 1]
+
+    middle = count // 2
+    if count % 2 == 1:
+        return remaining(middle)
+    return (remaining(middle - 1) + remaining(middle)) / 2
+
+
+def _outlier_finding(losses: dict[int, float], rank: int, others: float, spread: float, where: Where) -> pb.Finding:
     message = (
         f"The loss of rank {rank} is {format_number(losses[rank])} at step {where.step} while the other ranks' "
         f"median is {format_number(others)} (usual spread between ranks {format_number(spread)}), and it has "
