@@ -100,5 +100,10 @@ class LiveRuns:
         state.last_grad_norm = report.grad_norm
         state.last_report_unix_s = time.time()
 
+    def has_connected(self, run_id: str) -> bool:
+        """Return True while at least one rank of run_id has an open Watch stream."""
+        run = self._runs.get(run_id)
+        return run is not None and any(state.connected for state in run.ranks.values())
+
     def connected_count(self) -> int:
         return sum(1 for run in self._runs.values() for state in run.ranks.values() if state.connected)

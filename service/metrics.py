@@ -1,16 +1,113 @@
 """Prometheus metrics of the service, on a registry of their own.
 
 Per-rank series multiply by the world size, so the ``rank`` label is optional
-(``rank_label=False`` keeps one series per run, fed by rank 0).
+(``rank_label=False`` keeps one series per run, fed by rank 0). Series labelled
+with a run id exist for at most ``max_runs`` runs at a time, and a finished run's
+series are removed ``run_ttl_s`` seconds after its last rank disconnected.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from nanwatch.v1 import nanwatch_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RUNS = 1000
+DEFAULT_RUN_TTL_S = 3600.0
+
+
+class RunSeriesBudget:
+    """Decides which runs may hold labelled series: a cap on their number and an expiry of finished runs.
+
+    A run is finished while none of its ranks is connected. When the cap is reached,
+    the run that finished earliest gives way to the new one. When every tracked run
+    is still connected, the new run gets no series.
+
+    Example:
+        budget = RunSeriesBudget(max_runs=2, ttl_s=60.0)
+        admitted, evicted = budget.admit("run-1")
+    """
+
+    def __init__(self, *, max_runs: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_runs < 1:
+            raise ValueError(f"max_runs={max_runs} must be at least 1; it caps the runs that have metric series")
+        if not ttl_s > 0:
+            raise ValueError(f"run_ttl_s={ttl_s} must be positive; it is how long a finished run keeps its series")
+        self.max_runs = max_runs
+        self.ttl_s = ttl_s
+        self._clock = clock
+        # run id -> clock time since which no rank is connected, or None while one is.
+        self._finished_since: dict[str, float | None] = {}
+        # Earliest clock time at which a tracked run can expire; saves a scan per observation.
+        self._next_expiry = math.inf
+
+    def __len__(self) -> int:
+        return len(self._finished_since)
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self._finished_since
+
+    def admit(self, run_id: str) -> tuple[bool, list[str]]:
+        """Return whether run_id may hold series, and the runs evicted to make room for it."""
+        if run_id in self._finished_since:
+            return True, []
+        evicted = []
+        if len(self._finished_since) >= self.max_runs:
+            oldest = self._earliest_finished()
+            if oldest is None:
+                return False, []
+            del self._finished_since[oldest]
+            evicted.append(oldest)
+        # A run that no rank has connected to yet counts as finished from now on.
+        self._set_finished(run_id, self._clock())
+        return True, evicted
+
+    def mark(self, run_id: str, *, connected: bool) -> None:
+        """Record that run_id has a connected rank, or that its last rank disconnected."""
+        if run_id in self._finished_since:
+            self._set_finished(run_id, None if connected else self._clock())
+
+    def pop_expired(self) -> list[str]:
+        """Remove and return the runs finished for longer than ttl_s."""
+        now = self._clock()
+        if now < self._next_expiry:
+            return []
+        expired = [run_id for run_id, since in self._finished_since.items()
+                   if since is not None and now - since >= self.ttl_s]
+        for run_id in expired:
+            del self._finished_since[run_id]
+        pending = [since for since in self._finished_since.values() if since is not None]
+        self._next_expiry = min(pending) + self.ttl_s if pending else math.inf
+        return expired
+
+    def _set_finished(self, run_id: str, since: float | None) -> None:
+        self._finished_since[run_id] = since
+        if since is not None:
+            self._next_expiry = min(self._next_expiry, since + self.ttl_s)
+
+    def _earliest_finished(self) -> str | None:
+        finished = [(since, run_id) for run_id, since in self._finished_since.items() if since is not None]
+        return min(finished)[1] if finished else None
+
+
+class _SweepOnCollect:
+    """A collector without samples that expires finished runs before each scrape reads the families."""
+
+    def __init__(self, sweep: Callable[[], None]) -> None:
+        self._sweep = sweep
+
+    def collect(self) -> Iterator[object]:
+        self._sweep()
+        return iter(())
 
 
 class ServiceMetrics:
@@ -22,11 +119,19 @@ class ServiceMetrics:
         prometheus_client.generate_latest(metrics.registry)
     """
 
-    def __init__(self, *, rank_label: bool = True, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, *, rank_label: bool = True, registry: CollectorRegistry | None = None,
+        max_runs: int = DEFAULT_MAX_RUNS, run_ttl_s: float = DEFAULT_RUN_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.rank_label = rank_label
+        self.budget = RunSeriesBudget(max_runs=max_runs, ttl_s=run_ttl_s, clock=clock)
+        # Held while series of a run are written or removed: the scrape thread expires runs too.
+        self._lock = threading.RLock()
         step_labels = ["run_id", "rank"] if rank_label else ["run_id"]
         reg = self.registry
+        reg.register(_SweepOnCollect(self.expire_finished_runs))
 
         self.loss = Gauge("nanwatch_loss", "Last reported training loss.", step_labels, registry=reg)
         self.grad_norm = Gauge(
@@ -65,10 +170,76 @@ class ServiceMetrics:
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
             registry=reg,
         )
+        self.runs_in_metrics = Gauge(
+            "nanwatch_runs_in_metrics", "Runs that currently have series labelled with their run id.", registry=reg
+        )
+        self.runs_removed = Counter(
+            "nanwatch_runs_removed_from_metrics", "Runs whose labelled series were removed, by why.", ["reason"],
+            registry=reg,
+        )
+        self.runs_rejected = Counter(
+            "nanwatch_runs_rejected_from_metrics",
+            "Observations of a run left out of the metrics because max_runs connected runs already have series.",
+            registry=reg,
+        )
+        step_names = tuple(step_labels)
+        self._run_families: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
+            (self.loss, step_names), (self.grad_norm, step_names), (self.step, step_names),
+            (self.loss_scale, step_names), (self.nonfinite_loss, ("run_id",)), (self.nonfinite_grads, ("run_id",)),
+            (self.findings, ("run_id", "stage", "severity", "code")), (self.halts, ("run_id", "source")),
+            (self.run_halted, ("run_id",)),
+        ]
+
+    # ---- which runs have series ----
+
+    def run_connected(self, run_id: str) -> None:
+        """Note that a rank of run_id opened its stream; the run's series do not expire meanwhile."""
+        with self._lock:
+            if self._admit(run_id):
+                self.budget.mark(run_id, connected=True)
+
+    def run_finished(self, run_id: str) -> None:
+        """Note that no rank of run_id is connected; its series expire run_ttl_s from now."""
+        with self._lock:
+            self.budget.mark(run_id, connected=False)
+
+    def expire_finished_runs(self) -> None:
+        """Remove the series of runs finished for longer than run_ttl_s."""
+        with self._lock:
+            for run_id in self.budget.pop_expired():
+                self._remove_run(run_id, "expired")
+            self.runs_in_metrics.set(len(self.budget))
+
+    def _admit(self, run_id: str) -> bool:
+        """Return whether run_id may write series, evicting the earliest finished run at the cap."""
+        self.expire_finished_runs()
+        admitted, evicted = self.budget.admit(run_id)
+        for old in evicted:
+            self._remove_run(old, "cap")
+        self.runs_in_metrics.set(len(self.budget))
+        if not admitted:
+            self.runs_rejected.inc()
+            logger.debug("metrics: run %s left out, %d connected runs have series", run_id, self.budget.max_runs)
+        return admitted
+
+    def _remove_run(self, run_id: str, reason: str) -> None:
+        """Remove every series labelled with run_id from the run-labelled families."""
+        for family, names in self._run_families:
+            for labels in _label_values(family, names, run_id):
+                family.remove(*labels)
+        self.runs_removed.labels(reason).inc()
+        logger.info("metrics: removed the series of run %s (%s)", run_id, reason)
+
+    # ---- observations ----
 
     def observe_report(self, run_id: str, rank: int, report: pb.StepReport) -> None:
         """Update the gauges and counters from one step report."""
         self.reports.inc()
+        with self._lock:
+            if self._admit(run_id):
+                self._observe_run_report(run_id, rank, report)
+
+    def _observe_run_report(self, run_id: str, rank: int, report: pb.StepReport) -> None:
         # A rank that observed no loss sends loss=NaN with loss_finite=true.
         if not math.isfinite(report.loss) and not report.loss_finite:
             self.nonfinite_loss.labels(run_id).inc()
@@ -84,17 +255,34 @@ class ServiceMetrics:
             self.loss_scale.labels(*labels).set(report.loss_scale)
 
     def observe_finding(self, finding: pb.Finding) -> None:
-        self.findings.labels(
-            finding.evidence.run_id,
-            str(finding.stage),
-            pb.Severity.Name(finding.severity).removeprefix("SEVERITY_").lower(),
-            finding.code,
-        ).inc()
+        with self._lock:
+            if not self._admit(finding.evidence.run_id):
+                return
+            self.findings.labels(
+                finding.evidence.run_id,
+                str(finding.stage),
+                pb.Severity.Name(finding.severity).removeprefix("SEVERITY_").lower(),
+                finding.code,
+            ).inc()
 
     def observe_halt(self, run_id: str, source: str) -> None:
-        self.halts.labels(run_id, source).inc()
-        self.run_halted.labels(run_id).set(1)
+        with self._lock:
+            if self._admit(run_id):
+                self.halts.labels(run_id, source).inc()
+                self.run_halted.labels(run_id).set(1)
 
     def observe_run(self, run_id: str, *, halted: bool) -> None:
         """Create the run's halted gauge so dashboards see 0 before any halt."""
-        self.run_halted.labels(run_id).set(1 if halted else 0)
+        with self._lock:
+            if self._admit(run_id):
+                self.run_halted.labels(run_id).set(1 if halted else 0)
+
+
+def _label_values(family: MetricWrapperBase, names: tuple[str, ...], run_id: str) -> set[tuple[str, ...]]:
+    """Return the label values of family's series whose run_id label is run_id, in label-name order."""
+    values: set[tuple[str, ...]] = set()
+    for metric in family.collect():
+        for sample in metric.samples:
+            if sample.labels.get("run_id") == run_id:
+                values.add(tuple(sample.labels[name] for name in names))
+    return values

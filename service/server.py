@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 
 from nanwatch.service.auth import TokenAuthInterceptor, read_pem, resolve_auth_mode
 from nanwatch.service.engine import CheckEngine
-from nanwatch.service.metrics import ServiceMetrics
+from nanwatch.service.metrics import DEFAULT_MAX_RUNS, DEFAULT_RUN_TTL_S, ServiceMetrics
 from nanwatch.service.servicer import MalformedRequestInterceptor, NanwatchServicer
 from nanwatch.service.store import Store
 from nanwatch.service.supervisor import Supervisor
@@ -63,6 +63,10 @@ class ServiceConfig:
     """"all", "operator" (HaltRun only) or "none"; None means "operator" with a token, else "none"."""
     health_port: int | None = None
     """Extra plaintext port that serves only grpc.health.v1, for Kubernetes probes of a TLS port."""
+    max_runs_in_metrics: int = DEFAULT_MAX_RUNS
+    """Most runs that have series labelled with their run id; at the cap the earliest finished run gives way."""
+    metrics_run_ttl_s: float = DEFAULT_RUN_TTL_S
+    """Seconds after its last rank disconnected that a run's labelled series are removed."""
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
@@ -71,6 +75,10 @@ class ServiceConfig:
                 raise ValueError(f"{name}={port} is not a TCP port; use 0..65535 (0 picks a free port)")
         if self.max_batch_bytes <= 0:
             raise ValueError(f"max_batch_bytes={self.max_batch_bytes} must be positive")
+        if self.max_runs_in_metrics < 1:
+            raise ValueError(f"max_runs_in_metrics={self.max_runs_in_metrics} must be at least 1")
+        if not self.metrics_run_ttl_s > 0:
+            raise ValueError(f"metrics_run_ttl_s={self.metrics_run_ttl_s} must be a positive number of seconds")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"health_port={self.health_port} is not a TCP port; use 0..65535")
         if (self.tls_cert_path is None) != (self.tls_key_path is None):
@@ -135,7 +143,8 @@ class RunningService:
 async def start_service(config: ServiceConfig) -> RunningService:
     """Open the store, bind both ports and start serving; return the running service."""
     store = Store(config.db_path)
-    metrics = ServiceMetrics(rank_label=config.rank_label)
+    metrics = ServiceMetrics(rank_label=config.rank_label, max_runs=config.max_runs_in_metrics,
+                             run_ttl_s=config.metrics_run_ttl_s)
     supervisor = Supervisor(
         store=store, engine=CheckEngine(config.load_thresholds()), metrics=metrics,
         max_batch_bytes=config.max_batch_bytes,

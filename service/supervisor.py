@@ -57,8 +57,13 @@ class Supervisor:
         self.max_batch_bytes = max_batch_bytes
 
     def restore_metrics(self, recent_runs: int = 1000) -> None:
-        """Set the halted gauge of the most recent stored runs, so dashboards survive a restart."""
-        for run in self.store.list_runs(recent_runs):
+        """Set the halted gauge of the most recent stored runs, so dashboards survive a restart.
+
+        The runs count as finished, so their series expire like those of any finished run.
+        """
+        limit = min(recent_runs, self.metrics.budget.max_runs)
+        # Oldest first, so that at the cap the newest runs keep their series.
+        for run in reversed(self.store.list_runs(limit)):
             self.metrics.observe_run(run.run_id, halted=self.store.get_halt(run.run_id) is not None)
 
     # ---- registration ----
@@ -124,6 +129,7 @@ class Supervisor:
         _check_stream_owner(run, start)
         outbox = self.live.connect(start.run_id, start.rank, stored.world_size)
         run.rank(start.rank).client_id = start.client_id or run.rank(start.rank).client_id
+        self.metrics.run_connected(start.run_id)
         self.metrics.active_streams.set(self.live.connected_count())
         halt = self.store.get_halt(start.run_id)
         if halt is not None:
@@ -133,6 +139,8 @@ class Supervisor:
 
     def close_stream(self, run_id: str, rank: int, outbox: asyncio.Queue[pb.Signal | None]) -> None:
         self.live.disconnect(run_id, rank, outbox)
+        if not self.live.has_connected(run_id):
+            self.metrics.run_finished(run_id)
         self._persist_progress(run_id)
         self.metrics.active_streams.set(self.live.connected_count())
         logger.info("stream closed run=%s rank=%d", run_id, rank)

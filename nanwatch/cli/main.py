@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "default operator when a token is configured, else none")
     serve.add_argument("--health-port", type=int, default=None,
                        help="extra plaintext port serving only grpc.health.v1, for Kubernetes probes of a TLS port")
+    serve.add_argument("--max-runs-in-metrics", type=int, default=1000,
+                       help="most runs with per-run metric series; the earliest finished run gives way (default 1000)")
+    serve.add_argument("--metrics-run-ttl-seconds", type=float, default=3600.0,
+                       help="remove a run's metric series this long after its last rank disconnected (default 3600)")
 
     endpoint_help = f"service address HOST:PORT (default ${ENDPOINT_ENV} or {default_endpoint()})"
     tls_ca_help = "PEM CA that signed the service's TLS certificate (default $NANWATCH_TLS_CA; unset: plaintext)"

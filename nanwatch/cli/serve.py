@@ -30,6 +30,8 @@ def run_serve(args: argparse.Namespace) -> int:
             token=read_token(args.token_file),
             auth_mode=args.auth,
             health_port=args.health_port,
+            max_runs_in_metrics=args.max_runs_in_metrics,
+            metrics_run_ttl_s=args.metrics_run_ttl_seconds,
         )
         config.load_thresholds()
         config.server_credentials()  # reads the TLS files now, so a bad path fails before binding
