@@ -11,9 +11,9 @@ training script changes:
 - a common ``torch.nn.functional`` loss called outside any module gives the
   loss function's name and the targets;
 - the scalar tensor on which ``backward()`` is called is taken as the loss;
-- each optimizer gets its Watcher when a root module that holds all of its
+- each optimizer gets its Watcher when a root module that contains all of its
   parameters is first called (else at the first loss, backward or ``step()``,
-  with the root module that holds the most of them), so registration, its
+  with the root module that contains the most of them), so registration, its
   static checks and the trace of the first forward pass come before the first
   update.
 """
@@ -301,12 +301,14 @@ class AutoWatch:
         return watcher
 
     def _find_owner(self, optimizer: torch.optim.Optimizer) -> nn.Module | None:
-        """Return the recent root module that holds the most of the optimizer's parameters."""
-        wanted = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        """Return the recent root module that contains the most of the optimizer's parameters."""
+        optimizer_params = {id(param) for group in optimizer.param_groups for param in group["params"]}
         best, best_count = None, 0
         for ref in reversed(self._roots):
             module = ref()
-            count = sum(1 for param in module.parameters() if id(param) in wanted) if module is not None else 0
+            if module is None:
+                continue
+            count = sum(1 for param in module.parameters() if id(param) in optimizer_params)
             if count > best_count:
                 best, best_count = module, count
         return best

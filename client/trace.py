@@ -27,7 +27,12 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     """Return the first floating-point tensor in a module output (a tensor, tuple, list or mapping)."""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    if isinstance(value, Mapping):
+        items = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+    else:
+        return None
     for item in items:
         found = first_tensor(item)
         if found is not None:

@@ -1,4 +1,4 @@
-"""Where clients find the service, and validation of HOST:PORT endpoints."""
+"""Service endpoints: the default HOST:PORT clients use, and its validation."""
 
 from __future__ import annotations
 

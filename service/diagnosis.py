@@ -11,8 +11,8 @@ _SERIOUS = (pb.SEVERITY_WARNING, pb.SEVERITY_CRITICAL)
 # Warnings that describe a consequence or a quality problem, never the origin of a NaN/Inf:
 # a double softmax only slows learning, and clipping a non-finite norm only spreads it.
 NON_CAUSAL_CODES = frozenset({"LOSS_DOUBLE_SOFTMAX", "GRAD_CLIP_NONFINITE"})
-# A forward overflow at run time is often the end of a growth that earlier findings saw
-# coming; when one of these came at an earlier step, it is the primary cause instead.
+# A forward overflow at run time is often the end of a growth that earlier findings caught.
+# When one of these came at an earlier step, it is the primary cause instead.
 _OVERFLOW_SYMPTOMS = frozenset({"FORWARD_NONFINITE"})
 _GROWTH_CODES = frozenset({"GRAD_EXPLODING", "GRAD_GROWTH", "UPDATE_RATIO_HIGH", "LOSS_DIVERGING"})
 # Data warnings about the whole input distribution rank with the static causes, not with

@@ -159,8 +159,14 @@ class CheckEngine:
             return []
         rank.is_first_forward_checked = True
         rank.autocast_dtype = report.autocast_dtype or rank.autocast_dtype
+        # Classes sit on dimension 1 of batched logits and on dimension 0 of a single sample.
         shape = list(report.output_shape)
-        rank.num_classes = int(shape[1] if len(shape) >= 2 else shape[0] if shape else 0)
+        if len(shape) >= 2:
+            rank.num_classes = int(shape[1])
+        elif shape:
+            rank.num_classes = int(shape[0])
+        else:
+            rank.num_classes = 0
         findings: list[pb.Finding] = []
         if report.activations:
             run.evaluated.update(_FIRST_FORWARD_CODES)

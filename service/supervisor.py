@@ -346,7 +346,7 @@ class Supervisor:
     def _record_stop_step(self, run_id: str, step: int) -> None:
         """Move a service or operator halt to the step at which the ranks actually stopped.
 
-        Such a halt asks the ranks to stop at the first step they reach at or after the
+        Such a halt requests the ranks to stop at the first step they reach at or after the
         requested one, and reports lag behind training, so a rank may stop a step or two later.
         """
         halt = self.store.get_halt(run_id)

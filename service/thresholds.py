@@ -46,7 +46,7 @@ class Thresholds:
 
     grad_spike_patience: int = 3
     """GRAD_EXPLODING is info on the first step above the limit and a warning once the norm stays
-    above it this many steps in a row; a single spike that recovers is common in healthy runs."""
+    above it this many steps in a row. A single spike that recovers is common in healthy runs."""
 
     grad_scaler_skip_limit: int = 10
     """Consecutive steps with non-finite gradients that a GradScaler may skip before GRAD_NONFINITE.
@@ -93,7 +93,7 @@ class Thresholds:
     """ACT_SATURATED fires when more than this fraction of a Sigmoid/Tanh input is in its flat tails."""
 
     input_abs_max: float = 1000.0
-    """DATA_NOT_NORMALIZED fires when a float input tensor (not a target) holds values above this in magnitude."""
+    """DATA_NOT_NORMALIZED fires when a float input tensor (not a target) contains values above this in magnitude."""
 
     loss_history: int = 100
     """Number of recent finite losses per rank that the loss median and MAD are taken over."""

@@ -1,4 +1,4 @@
-"""Validation of incoming requests; each failure carries the gRPC status to answer with."""
+"""Validation of incoming requests. Each failure carries the gRPC status code to return."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def check_activations(
     last_leaf names the module whose output goes to the loss; a saturated
     Sigmoid there is a warning, elsewhere it is only slow learning (info).
     With non-finite parameters (a watcher attached after an update already
-    broke them) a non-finite layer output says nothing new and is left out.
+    broke them) a non-finite layer output adds no information and is left out.
     """
     findings = []
     first_bad = first_nonfinite_layer(activations)
@@ -43,7 +43,7 @@ def check_activations(
 
 
 def first_nonfinite_layer(activations: Sequence[pb.LayerActivation]) -> pb.LayerActivation | None:
-    """Return the first layer whose output holds NaN or Inf, in call order."""
+    """Return the first layer whose output contains NaN or Inf, in call order."""
     return next((layer for layer in activations if layer.nonfinite_count > 0), None)
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from nanwatch.service.checks.catalog import Where, format_number, new_finding
 from nanwatch.v1 import nanwatch_pb2 as pb
 
-# Ranks draw batches from one distribution, so their batch std differs by a few percent to
-# a few times at small batch sizes; a factor this large means a shard is in other units.
+# Ranks draw batches from one distribution, so their batch std differs by a few percent to a
+# few times at small batch sizes. A factor this large means a shard is in other units.
 SCALE_RATIO = 10.0
 # Steps in a row the ratio must hold, so that one odd batch is not reported.
 PATIENCE_STEPS = 3

@@ -15,7 +15,7 @@ from nanwatch.v1 import nanwatch_pb2 as pb
 
 @dataclass(frozen=True, kw_only=True)
 class StepFacts:
-    """What the engine knows about one step beyond the report itself."""
+    """Facts of one step that the engine has beyond the report itself."""
 
     batch_finite: bool
     loss_function: str = ""
@@ -135,7 +135,7 @@ def deepest_bad_parameter(report: pb.StepReport, layer_order: Sequence[str]) -> 
 
     NaN flows backward from the faulty operation to everything before it, so
     the last bad layer in forward order sits just before the faulty operation.
-    Without a trace, the parameter order stands in for the forward order.
+    Without a trace, the parameter order replaces the forward order.
     """
     names = nonfinite_gradient_names(report)
     if not names:

@@ -46,7 +46,7 @@ def test_fault_halts_ranks_at_first_nonfinite(fault: str, service: object, stub:
     assert status.summary.halt_step == expected_step
     assert status.summary.primary.stage == PLANTED_STAGE[fault], status.summary.primary
     if fault == "data":
-        # Only rank 0's shard holds the NaN samples; rank 1 sees NaN gradients after the all-reduce.
+        # Only rank 0's shard contains the NaN samples. Rank 1 gets NaN gradients from the all-reduce.
         assert status.halt_first_rank == 0
 
 
