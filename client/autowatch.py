@@ -10,7 +10,8 @@ training script changes:
   function's name and the targets;
 - a common ``torch.nn.functional`` loss called outside any module gives the
   loss function's name and the targets;
-- the scalar tensor on which ``backward()`` is called is taken as the loss;
+- the scalar tensor on which ``backward()`` is called is taken as the loss, and each
+  loss call is kept for the replay that localizes a non-finite step;
 - each optimizer gets its Watcher when a root module that contains all of its
   parameters is first called (else at the first loss, backward or ``step()``,
   with the root module that contains the most of them), so registration, its
@@ -34,6 +35,7 @@ from torch import nn
 from nanwatch.bootstrap import AUTOWATCH_ENV, RUN_DIR_ENV
 from nanwatch.client import observers
 from nanwatch.client.labels import CLASS_INDEX_LOSSES, DEFAULT_IGNORE_INDEX, target_range_finding
+from nanwatch.client.localize import replaying
 from nanwatch.client.watcher import Watcher
 from nanwatch.errors import HaltError
 
@@ -81,7 +83,7 @@ class AutoWatch:
 
         self._handles = [
             modules.register_module_forward_pre_hook(self._on_forward_pre),
-            modules.register_module_forward_hook(self._on_forward, always_call=True),
+            modules.register_module_forward_hook(self._on_forward, with_kwargs=True, always_call=True),
             optimizers.register_optimizer_step_pre_hook(self._on_step_pre),
             optimizers.register_optimizer_step_post_hook(self._on_step_post),
         ]
@@ -100,6 +102,8 @@ class AutoWatch:
     # ---- module hooks ----
 
     def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if replaying():
+            return
         self._depth += 1
         if self._depth != 1:
             return
@@ -111,7 +115,11 @@ class AutoWatch:
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             logger.exception("nanwatch autowatch: failed to observe a forward call of %s", type(module).__name__)
 
-    def _on_forward(self, unused_module: nn.Module, unused_args: tuple[Any, ...], unused_output: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], unused_output: Any) -> None:
+        if replaying():
+            return
+        if self._depth == 1 and isinstance(module, nn.modules.loss._Loss) and self._current is not None:
+            self._current.observe_loss_call(module, type(module).__name__, args, kwargs)
         self._depth = max(self._depth - 1, 0)
 
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -125,7 +133,11 @@ class AutoWatch:
         # Created before the model's first forward runs, the Watcher traces that forward too. Only a
         # module that owns all of an optimizer's parameters qualifies here, so that a submodule
         # called on its own before the model (model[0](x)) is not taken for the model.
+        existed = id(module) in self._watcher_by_root
         watcher = self._ensure_watcher(complete_owner_only=True)
+        if watcher is not None and not existed and self._watcher_by_root.get(id(module)) is watcher:
+            # torch gathered the model's own pre-hooks before the Watcher added its capture hook.
+            watcher.observe_forward_start(args, {})
         self._check_batch(watcher, dict(zip(names, tensors)))
 
     def _on_loss_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -190,8 +202,10 @@ class AutoWatch:
 
         def loss(*args: Any, **kwargs: Any) -> Any:
             target = args[1] if len(args) > 1 else kwargs.get("target")
-            if autowatch._depth == 0:
+            if autowatch._depth == 0 and not replaying():
                 autowatch._on_functional_loss(name, target)
+                if autowatch._current is not None:
+                    autowatch._current.observe_loss_call(original, name, args, kwargs)
             try:
                 return original(*args, **kwargs)
             except (IndexError, RuntimeError) as error:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from nanwatch.client.localize.guard import replaying
 from nanwatch.client.summaries import dtype_name, stats_dtype
 from nanwatch.v1 import nanwatch_pb2 as pb
 
@@ -127,7 +128,7 @@ class ForwardTrace:
 
     def _on_output(self, unused_module: nn.Module, unused_args: Any, output: Any) -> None:
         tensor = first_tensor(output)
-        if tensor is None:
+        if tensor is None or replaying():
             return
         bad = ~torch.isfinite(tensor.detach()).all()
         flag = self._output_nonfinite

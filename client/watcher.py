@@ -14,6 +14,7 @@ from torch import nn
 from nanwatch.client.agreement import Agreement
 from nanwatch.client.batch_sender import BatchSender
 from nanwatch.client.connection import resolve_channel_security
+from nanwatch.client.localize import Localizer, StepCapture, replaying
 from nanwatch.client.facts import (
     RankIdentity, build_amp_info, build_clipping_info, build_register_request, collect_parameters, unwrap_model,
 )
@@ -21,7 +22,7 @@ from nanwatch.client.sender import ReportSender
 from nanwatch.client.settings import (
     resolve_amp_dtype, resolve_rank_and_world_size, resolve_run_id, validate_limits,
 )
-from nanwatch.client.step_check import HaltDecision, StepChecker, StepContext
+from nanwatch.client.step_check import HaltDecision, StepChecker, StepContext, StepOutcome
 from nanwatch.client.summaries import summarize_batch_tensor
 from nanwatch.client.trace import ForwardTrace
 from nanwatch.endpoint import default_endpoint, validate_endpoint
@@ -86,6 +87,10 @@ class Watcher:
         fail_closed_after_s: halt every rank once the service has been unreachable for
             this many seconds, counted from the constructor or the last lost stream.
             None (the default) fails open: training runs on with local checks only.
+        localize: on a step that halts on this rank's own checks, replay the step to name
+            the first module, parameter and operation that made NaN/Inf. Healthy steps
+            pay for references to the model inputs, a copy of the CPU RNG state and the
+            gradient of the model output, kept until the optimizer update.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class Watcher:
         tls_ca: str | None = None,
         token: str | None = None,
         fail_closed_after_s: float | None = None,
+        localize: bool = True,
     ) -> None:
         # Validate everything before installing any hook or thread.
         _check_types(model, optimizer, loss_fn)
@@ -134,6 +140,8 @@ class Watcher:
 
         # The step check and the hooks that feed it.
         self._trace = ForwardTrace(unwrap_model(model))
+        self._capture = StepCapture(unwrap_model(model)) if localize else None
+        self._localizer = Localizer(unwrap_model(model), self._capture) if self._capture is not None else None
         agreement = Agreement.from_process_group(process_group, fallback_rank=self._rank)
         self._checker = StepChecker(StepContext(
             run_id=self._run_id, rank=self._rank, parameters=parameters, optimizer=optimizer,
@@ -150,7 +158,7 @@ class Watcher:
                 optimizer.register_step_post_hook(self.step_post_hook),
             ]
             if isinstance(loss_fn, nn.Module):
-                self._handles.append(loss_fn.register_forward_hook(self._on_loss_forward))
+                self._handles.append(loss_fn.register_forward_hook(self._on_loss_forward, with_kwargs=True))
 
         # Background senders.
         self._sender = ReportSender(endpoint=self._endpoint, register_request=request,
@@ -219,6 +227,20 @@ class Watcher:
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             logger.exception("nanwatch rank %d: observe_loss failed at step %d", self._rank, self._step)
 
+    def observe_forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record the inputs of a model forward pass that began before this Watcher existed, for the replay."""
+        if self._capture is not None:
+            self._capture.begin_call(args, kwargs)
+
+    def observe_loss_call(self, fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record a loss computation (a loss module or function and its arguments) for the replay of a failing step."""
+        if self._capture is None:
+            return
+        try:
+            self._capture.capture_loss(fn, name, args, kwargs)
+        except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+            logger.exception("nanwatch rank %d: recording the loss call failed at step %d", self._rank, self._step)
+
     def set_loss_function(self, name: str) -> None:
         """Name the loss function when it became known after construction; the next report carries it."""
         self._late_loss_function = name
@@ -247,6 +269,8 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         self._trace.remove()
+        if self._capture is not None:
+            self._capture.remove()
         self._sender.close(self._flush_timeout_s)
         if self._batch_sender is not None:
             self._batch_sender.close(self._flush_timeout_s)
@@ -260,9 +284,12 @@ class Watcher:
 
     # ---- hooks ----
 
-    def _on_loss_forward(self, unused_module: nn.Module, unused_args: Any, output: Any) -> None:
+    def _on_loss_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if replaying():
+            return
         if isinstance(output, torch.Tensor):
             self.observe_loss(output)
+        self.observe_loss_call(module, type(module).__name__, args, kwargs)
 
     def step_pre_hook(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
         """Check the step before the update; raise HaltError when it is poisoned (an optimizer step pre-hook)."""
@@ -272,6 +299,8 @@ class Watcher:
         if self._late_loss_function:
             outcome.report.loss_function = self._late_loss_function
             self._late_loss_function = ""
+        if outcome.halt is not None and outcome.halt.source == "local":
+            self._localize(outcome)
         self._sender.enqueue(outcome.report)
         if outcome.halt is not None:
             self._stop(outcome.halt)
@@ -280,6 +309,25 @@ class Watcher:
         """Count the applied update and measure the parameters after it (an optimizer step post-hook)."""
         self._step += 1
         self._checker.after_update()
+        if self._capture is not None:
+            self._capture.clear()
+
+    def _localize(self, outcome: StepOutcome) -> None:
+        """Replay the halting step and add where its first NaN/Inf was born to the report, finding and reason."""
+        if self._localizer is None or outcome.halt is None:
+            return
+        try:
+            location = self._localizer.localize(step=self._step, rank=self._rank,
+                                                loss_finite=outcome.report.loss_finite)
+        except Exception:  # noqa: BLE001 - the halt goes on without a location
+            logger.exception("nanwatch rank %d: replaying step %d to localize the NaN failed", self._rank, self._step)
+            return
+        if location is None:
+            return
+        outcome.report.location.CopyFrom(location)
+        if outcome.halt.finding is not None:
+            outcome.halt.finding.evidence.location.CopyFrom(location)
+        outcome.halt.reason = f"{outcome.halt.reason}. Localized on rank {self._rank}: {location.detail}"
 
     def _stop(self, decision: HaltDecision) -> None:
         """Wait briefly for the service's acknowledgement, log the halt and raise HaltError."""

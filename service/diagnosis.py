@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nanwatch.service.checks.localization import is_domain_error
 from nanwatch.v1 import nanwatch_pb2 as pb
 
 _STATIC_STAGES = (pb.STAGE_INITIALIZATION, pb.STAGE_LOSS, pb.STAGE_HYPERPARAMETERS)
@@ -37,7 +38,9 @@ def choose_primary(findings: Sequence[pb.Finding], halt_step: int | None) -> pb.
     if not findings:
         return None
     primary = min(findings, key=lambda finding: _rank_key(finding, halt_step))
-    if primary.code in _OVERFLOW_SYMPTOMS:
+    # A replay that located a log of 0 or a division by 0 names a cause that growth does not explain.
+    is_located_domain_error = primary.evidence.HasField("location") and is_domain_error(primary.evidence.location)
+    if primary.code in _OVERFLOW_SYMPTOMS and not is_located_domain_error:
         return _earlier_growth(findings, primary) or primary
     return primary
 

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from nanwatch.service.checks import (
-    activations, data, data_ranks, data_values, gradient_trends, gradients, hyperparameters, initialization, loss,
-    loss_trends, loss_values, monitoring, updates,
+    activations, data, data_ranks, data_values, gradient_trends, gradients, hyperparameters, initialization,
+    localization, loss, loss_trends, loss_values, monitoring, updates,
 )
 from nanwatch.service.checks.catalog import Where, format_number
 from nanwatch.service.rank_state import RankState, RunState
@@ -94,6 +94,9 @@ class CheckEngine:
             findings += self._check_scheduled_lr(run, state, report, where)
             findings += self._check_loss(run, state, report, where)
             findings += self._check_incident(run, state, report, where)
+            if report.HasField("location"):
+                run.evaluated.add("REPLAY_NOT_REPRODUCED")
+                findings = localization.apply_location(report, findings, where)
             return _by_stage(findings)
 
     def check_batch(

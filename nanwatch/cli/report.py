@@ -46,9 +46,51 @@ def finding_to_json(finding: pb.Finding) -> dict[str, Any]:
             "layer": evidence.layer,
             "values": dict(evidence.values),
             "sample_indices": list(evidence.sample_indices),
+            "location": location_to_json(evidence.location) if evidence.HasField("location") else None,
         },
         "created_unix_s": finding.created_unix_s,
     }
+
+
+LOCATION_PHASE_NAMES = {
+    pb.LOCATION_PHASE_INPUT: "input",
+    pb.LOCATION_PHASE_PARAMETER: "parameter",
+    pb.LOCATION_PHASE_FORWARD: "forward",
+    pb.LOCATION_PHASE_LOSS_FORWARD: "loss_forward",
+    pb.LOCATION_PHASE_BACKWARD: "backward",
+    pb.LOCATION_PHASE_LOSS_BACKWARD: "loss_backward",
+    pb.LOCATION_PHASE_NOT_REPRODUCED: "not_reproduced",
+}
+
+
+def location_to_json(location: pb.Location) -> dict[str, Any]:
+    """Return a Location as JSON; empty strings become null."""
+    return {
+        "phase": LOCATION_PHASE_NAMES.get(location.phase, "unknown"),
+        "rank": location.rank,
+        "step": location.step,
+        "module": location.module or None,
+        "module_type": location.module_type or None,
+        "parameter": location.parameter or None,
+        "op": location.op or None,
+        "source_line": location.source or None,
+        "code": location.code or None,
+        "produced": location.produced or None,
+        "then_op": location.then_op or None,
+        "tensor": location.tensor or None,
+        "reproduced": location.reproduced,
+        "detail": location.detail,
+    }
+
+
+def incident_location(status: pb.RunStatus) -> pb.Location | None:
+    """Return the primary finding's location, else the location replayed at the halt step, else None."""
+    summary = status.summary
+    if summary.HasField("primary") and summary.primary.evidence.HasField("location"):
+        return summary.primary.evidence.location
+    located = [finding.evidence.location for finding in status.findings if finding.evidence.HasField("location")]
+    at_halt = [location for location in located if summary.halted and location.step == summary.halt_step]
+    return (at_halt or located or [None])[0]
 
 
 def summary_to_json(summary: pb.RunSummary) -> dict[str, Any]:
@@ -67,6 +109,9 @@ def summary_to_json(summary: pb.RunSummary) -> dict[str, Any]:
 def status_to_json(status: pb.RunStatus) -> dict[str, Any]:
     """Return the documented JSON form of a run status (see the README's status fields)."""
     document = summary_to_json(status.summary)
+    location = incident_location(status)
+    if document["primary"] is not None:
+        document["primary"]["location"] = location_to_json(location) if location is not None else None
     document["halt_reason"] = status.halt_reason or None
     document["halt_first_rank"] = status.halt_first_rank if status.halt_first_rank >= 0 else None
     document["stages"] = [
@@ -108,6 +153,9 @@ def render_status(status: pb.RunStatus) -> str:
             f"{primary.code}: {primary.message}"
         )
         lines.append(f"  fix: {primary.fix}")
+    location = incident_location(status)
+    if location is not None:
+        lines.append(f"  location: {describe_location(location)}")
     lines.append("")
     rows = [
         [f"{check.stage} {STAGE_NAMES.get(check.stage, '')}", check.check, STATE_NAMES.get(check.state, "?"),
@@ -123,6 +171,23 @@ def render_status(status: pb.RunStatus) -> str:
                          f"(rank {finding.evidence.rank}, {_step_text(finding.evidence.step)}): {finding.message}")
             lines.append(f"  fix: {finding.fix}")
     return "\n".join(lines)
+
+
+def describe_location(location: pb.Location) -> str:
+    """Return one line: phase, module, operation with its source line, first bad gradient, replaying rank."""
+    parts = [LOCATION_PHASE_NAMES.get(location.phase, "unknown")]
+    if location.module:
+        parts.append(f"module '{location.module}' ({location.module_type})")
+    if location.op:
+        parts.append(f"op {location.op}" + (f" at {location.source}" if location.source else ""))
+    if location.code:
+        parts.append(f"`{location.code}`")
+    if location.tensor:
+        parts.append(f"tensor {location.tensor}")
+    if location.parameter:
+        parts.append(f"first non-finite gradient: {location.parameter}")
+    parts.append(f"replayed on rank {location.rank}")
+    return "; ".join(parts)
 
 
 def render_runs(runs: list[pb.RunSummary]) -> str:

@@ -24,6 +24,17 @@ class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEVERITY_WARNING: _ClassVar[Severity]
     SEVERITY_CRITICAL: _ClassVar[Severity]
 
+class LocationPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOCATION_PHASE_UNSPECIFIED: _ClassVar[LocationPhase]
+    LOCATION_PHASE_INPUT: _ClassVar[LocationPhase]
+    LOCATION_PHASE_PARAMETER: _ClassVar[LocationPhase]
+    LOCATION_PHASE_FORWARD: _ClassVar[LocationPhase]
+    LOCATION_PHASE_LOSS_FORWARD: _ClassVar[LocationPhase]
+    LOCATION_PHASE_BACKWARD: _ClassVar[LocationPhase]
+    LOCATION_PHASE_LOSS_BACKWARD: _ClassVar[LocationPhase]
+    LOCATION_PHASE_NOT_REPRODUCED: _ClassVar[LocationPhase]
+
 class SignalKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SIGNAL_KIND_UNSPECIFIED: _ClassVar[SignalKind]
@@ -48,6 +59,14 @@ SEVERITY_UNSPECIFIED: Severity
 SEVERITY_INFO: Severity
 SEVERITY_WARNING: Severity
 SEVERITY_CRITICAL: Severity
+LOCATION_PHASE_UNSPECIFIED: LocationPhase
+LOCATION_PHASE_INPUT: LocationPhase
+LOCATION_PHASE_PARAMETER: LocationPhase
+LOCATION_PHASE_FORWARD: LocationPhase
+LOCATION_PHASE_LOSS_FORWARD: LocationPhase
+LOCATION_PHASE_BACKWARD: LocationPhase
+LOCATION_PHASE_LOSS_BACKWARD: LocationPhase
+LOCATION_PHASE_NOT_REPRODUCED: LocationPhase
 SIGNAL_KIND_UNSPECIFIED: SignalKind
 SIGNAL_KIND_HALT: SignalKind
 SIGNAL_KIND_WARN: SignalKind
@@ -58,7 +77,7 @@ CHECK_STATE_FAIL: CheckState
 CHECK_STATE_NOT_RUN: CheckState
 
 class Evidence(_message.Message):
-    __slots__ = ("run_id", "rank", "step", "tensor", "layer", "values", "sample_indices")
+    __slots__ = ("run_id", "rank", "step", "tensor", "layer", "values", "sample_indices", "location")
     class ValuesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +92,7 @@ class Evidence(_message.Message):
     LAYER_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     step: int
@@ -80,7 +100,42 @@ class Evidence(_message.Message):
     layer: str
     values: _containers.ScalarMap[str, str]
     sample_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensor: _Optional[str] = ..., layer: _Optional[str] = ..., values: _Optional[_Mapping[str, str]] = ..., sample_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    location: Location
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensor: _Optional[str] = ..., layer: _Optional[str] = ..., values: _Optional[_Mapping[str, str]] = ..., sample_indices: _Optional[_Iterable[int]] = ..., location: _Optional[_Union[Location, _Mapping]] = ...) -> None: ...
+
+class Location(_message.Message):
+    __slots__ = ("phase", "rank", "step", "module", "module_type", "parameter", "op", "source", "code", "produced", "then_op", "then_source", "tensor", "reproduced", "detail")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_FIELD_NUMBER: _ClassVar[int]
+    THEN_OP_FIELD_NUMBER: _ClassVar[int]
+    THEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    REPRODUCED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    phase: LocationPhase
+    rank: int
+    step: int
+    module: str
+    module_type: str
+    parameter: str
+    op: str
+    source: str
+    code: str
+    produced: str
+    then_op: str
+    then_source: str
+    tensor: str
+    reproduced: bool
+    detail: str
+    def __init__(self, phase: _Optional[_Union[LocationPhase, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., module: _Optional[str] = ..., module_type: _Optional[str] = ..., parameter: _Optional[str] = ..., op: _Optional[str] = ..., source: _Optional[str] = ..., code: _Optional[str] = ..., produced: _Optional[str] = ..., then_op: _Optional[str] = ..., then_source: _Optional[str] = ..., tensor: _Optional[str] = ..., reproduced: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Finding(_message.Message):
     __slots__ = ("id", "stage", "severity", "code", "message", "fix", "evidence", "created_unix_s")
@@ -174,7 +229,7 @@ class ClippingInfo(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ...) -> None: ...
 
 class RegisterRankRequest(_message.Message):
-    __slots__ = ("run_id", "rank", "world_size", "host", "pid", "client_id", "parameters", "forward_trace", "loss_function", "optimizer", "amp", "clipping")
+    __slots__ = ("run_id", "rank", "world_size", "host", "pid", "client_id", "parameters", "forward_trace", "loss_function", "optimizer", "amp", "clipping", "max_consecutive_skips")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +242,7 @@ class RegisterRankRequest(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     AMP_FIELD_NUMBER: _ClassVar[int]
     CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONSECUTIVE_SKIPS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     world_size: int
@@ -199,7 +255,8 @@ class RegisterRankRequest(_message.Message):
     optimizer: OptimizerInfo
     amp: AmpInfo
     clipping: ClippingInfo
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., client_id: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., loss_function: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerInfo, _Mapping]] = ..., amp: _Optional[_Union[AmpInfo, _Mapping]] = ..., clipping: _Optional[_Union[ClippingInfo, _Mapping]] = ...) -> None: ...
+    max_consecutive_skips: int
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., client_id: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., loss_function: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerInfo, _Mapping]] = ..., amp: _Optional[_Union[AmpInfo, _Mapping]] = ..., clipping: _Optional[_Union[ClippingInfo, _Mapping]] = ..., max_consecutive_skips: _Optional[int] = ...) -> None: ...
 
 class RegisterRankResponse(_message.Message):
     __slots__ = ("findings", "halt")
@@ -242,7 +299,7 @@ class ParameterGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "loss", "loss_finite", "grad_norm", "parameter_grad_norms", "nonfinite_grad_count", "param_norm", "update_norm", "lr", "loss_scale", "batch", "forward_trace", "halted_locally", "dropped_reports", "sent_unix_s", "activations", "autocast_dtype", "output_shape", "output_checked", "output_finite", "clip_max_norm", "clip_total_norm", "client_finding", "loss_function")
+    __slots__ = ("step", "loss", "loss_finite", "grad_norm", "parameter_grad_norms", "nonfinite_grad_count", "param_norm", "update_norm", "lr", "loss_scale", "batch", "forward_trace", "halted_locally", "dropped_reports", "sent_unix_s", "activations", "autocast_dtype", "output_shape", "output_checked", "output_finite", "clip_max_norm", "clip_total_norm", "client_finding", "loss_function", "location", "update_skipped", "consecutive_skips")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FINITE_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +324,9 @@ class StepReport(_message.Message):
     CLIP_TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FINDING_FIELD_NUMBER: _ClassVar[int]
     LOSS_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_SKIPS_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     loss_finite: bool
@@ -291,7 +351,10 @@ class StepReport(_message.Message):
     clip_total_norm: float
     client_finding: Finding
     loss_function: str
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., loss_finite: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., parameter_grad_norms: _Optional[_Iterable[_Union[ParameterGradNorm, _Mapping]]] = ..., nonfinite_grad_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_norm: _Optional[float] = ..., lr: _Optional[float] = ..., loss_scale: _Optional[float] = ..., batch: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., halted_locally: _Optional[bool] = ..., dropped_reports: _Optional[int] = ..., sent_unix_s: _Optional[float] = ..., activations: _Optional[_Iterable[_Union[LayerActivation, _Mapping]]] = ..., autocast_dtype: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_checked: _Optional[bool] = ..., output_finite: _Optional[bool] = ..., clip_max_norm: _Optional[float] = ..., clip_total_norm: _Optional[float] = ..., client_finding: _Optional[_Union[Finding, _Mapping]] = ..., loss_function: _Optional[str] = ...) -> None: ...
+    location: Location
+    update_skipped: bool
+    consecutive_skips: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., loss_finite: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., parameter_grad_norms: _Optional[_Iterable[_Union[ParameterGradNorm, _Mapping]]] = ..., nonfinite_grad_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_norm: _Optional[float] = ..., lr: _Optional[float] = ..., loss_scale: _Optional[float] = ..., batch: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., forward_trace: _Optional[_Iterable[_Union[ModuleCall, _Mapping]]] = ..., halted_locally: _Optional[bool] = ..., dropped_reports: _Optional[int] = ..., sent_unix_s: _Optional[float] = ..., activations: _Optional[_Iterable[_Union[LayerActivation, _Mapping]]] = ..., autocast_dtype: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_checked: _Optional[bool] = ..., output_finite: _Optional[bool] = ..., clip_max_norm: _Optional[float] = ..., clip_total_norm: _Optional[float] = ..., client_finding: _Optional[_Union[Finding, _Mapping]] = ..., loss_function: _Optional[str] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., update_skipped: _Optional[bool] = ..., consecutive_skips: _Optional[int] = ...) -> None: ...
 
 class LayerActivation(_message.Message):
     __slots__ = ("name", "type", "numel", "std", "max_abs", "nonfinite_count", "saturated_fraction", "input_nan_count", "input_inf_count")

@@ -104,6 +104,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               "Lower the learning rate, add a warm-up and clip gradients."),
     CheckSpec(6, "LOSS_RANK_OUTLIER", "Every rank's loss is close to the other ranks'",
               "Check that rank's data shard and its hardware."),
+    CheckSpec(6, "REPLAY_NOT_REPRODUCED", "A replay of a non-finite step reproduces it",
+              "Check the rank's hardware and non-deterministic kernels; the model itself stayed finite."),
     CheckSpec(6, "NONFINITE_ORDER", "Order in which values first went non-finite",
               "Fix the earliest non-finite quantity; the later ones follow from it."),
 )

@@ -30,9 +30,6 @@ RESULTS_ENV = "NANWATCH_SCENARIO_RESULTS"
 KNOWN_MISSES = {
     "data-constant-feature-std": "a feature constant within the batch is not summarized; nanwatch names "
                                  "FORWARD_NONFINITE (stage 3) at the first layer's step instead of DATA_CONSTANT",
-    "loss-masked-softmax-empty-bag": "MultiheadAttention's softmax is functional, so the masked-softmax check "
-                                     "(Softmax modules, first forward pass) misses it; nanwatch names "
-                                     "FORWARD_NONFINITE (stage 3)",
     "grad-exploding-deep-mlp": "the norms grow for only 8 steps, inside the gradient checks' warm-up; nanwatch "
                                "names FORWARD_NONFINITE (stage 3) for the overflow they cause",
 }
