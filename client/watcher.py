@@ -19,6 +19,7 @@ from nanwatch.client.facts import (
     RankIdentity, build_amp_info, build_clipping_info, build_register_request, collect_parameters, unwrap_model,
 )
 from nanwatch.client.sender import ReportSender
+from nanwatch.client.skip_policy import SkipPolicy, resolve_max_consecutive_skips
 from nanwatch.client.settings import (
     resolve_amp_dtype, resolve_rank_and_world_size, resolve_run_id, validate_limits,
 )
@@ -87,6 +88,11 @@ class Watcher:
         fail_closed_after_s: halt every rank once the service has been unreachable for
             this many seconds, counted from the constructor or the last lost stream.
             None (the default) fails open: training runs on with local checks only.
+        max_consecutive_skips: the skip policy. When a step's loss or gradients are
+            non-finite on any rank while its batch and weights are finite, every rank
+            skips that update (its gradients are dropped before optimizer.step(), as
+            a GradScaler skips a step) up to this many times in a row, then halts.
+            Default $NANWATCH_MAX_CONSECUTIVE_SKIPS, else 0: halt at once.
         localize: on a step that halts on this rank's own checks, replay the step to name
             the first module, parameter and operation that made NaN/Inf. Healthy steps
             pay for references to the model inputs, a copy of the CPU RNG state and the
@@ -116,6 +122,7 @@ class Watcher:
         tls_ca: str | None = None,
         token: str | None = None,
         fail_closed_after_s: float | None = None,
+        max_consecutive_skips: int | None = None,
         localize: bool = True,
     ) -> None:
         # Validate everything before installing any hook or thread.
@@ -123,6 +130,8 @@ class Watcher:
         validate_limits(max_queued_reports=max_queued_reports, flush_timeout_s=flush_timeout_s,
                         halt_exit_code=halt_exit_code, fail_closed_after_s=fail_closed_after_s)
         security = resolve_channel_security(tls_ca=tls_ca, token=token)
+        self._skips = SkipPolicy(resolve_max_consecutive_skips(max_consecutive_skips))
+        self._optimizer = optimizer
         self._exit_code = halt_exit_code if halt_exit_code is not None else env_halt_exit_code()
         self._flush_timeout_s = flush_timeout_s
         self._rank, world_size = resolve_rank_and_world_size(rank, world_size, process_group)
@@ -137,6 +146,7 @@ class Watcher:
         request = build_register_request(identity=identity, parameters=parameters, optimizer=optimizer,
                                          loss_fn=loss_fn, amp=amp,
                                          clipping=build_clipping_info(clip_max_norm, clip_norm_type))
+        request.max_consecutive_skips = self._skips.max_consecutive
 
         # The step check and the hooks that feed it.
         self._trace = ForwardTrace(unwrap_model(model))
@@ -188,6 +198,11 @@ class Watcher:
     def dropped_reports(self) -> int:
         """Count of step reports dropped because the send buffer was full."""
         return self._sender.dropped_reports
+
+    @property
+    def skipped_updates(self) -> int:
+        """Count of non-finite updates skipped under the skip policy."""
+        return self._skips.total
 
     @property
     def connected(self) -> bool:
@@ -299,11 +314,26 @@ class Watcher:
         if self._late_loss_function:
             outcome.report.loss_function = self._late_loss_function
             self._late_loss_function = ""
+        if outcome.halt is None:
+            self._skips.on_healthy_step()
+        elif self._skips.should_skip(outcome.halt.codes):
+            self._skip_update(outcome)
+            return
+        elif self._skips.consecutive:
+            outcome.halt.reason += f" after {self._skips.consecutive} skipped updates in a row"
         if outcome.halt is not None and outcome.halt.source == "local":
             self._localize(outcome)
         self._sender.enqueue(outcome.report)
         if outcome.halt is not None:
             self._stop(outcome.halt)
+
+    def _skip_update(self, outcome: StepOutcome) -> None:
+        """Skip this step's update on this rank and report it; every rank reached the same decision."""
+        self._skips.skip(self._optimizer, self._step, self._rank)
+        outcome.report.halted_locally = False
+        outcome.report.update_skipped = True
+        outcome.report.consecutive_skips = self._skips.consecutive
+        self._sender.enqueue(outcome.report)
 
     def step_post_hook(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
         """Count the applied update and measure the parameters after it (an optimizer step post-hook)."""

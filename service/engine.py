@@ -97,6 +97,8 @@ class CheckEngine:
             if report.HasField("location"):
                 run.evaluated.add("REPLAY_NOT_REPRODUCED")
                 findings = localization.apply_location(report, findings, where)
+            if report.update_skipped:
+                _soften_skipped(findings, report)
             return _by_stage(findings)
 
     def check_batch(
@@ -369,6 +371,15 @@ class CheckEngine:
             healthy = [norm for norm in rank.grad_norms if norm > 0.0]
             findings.append(gradient_trends.no_clipping_finding(healthy, "non-finite gradients", where))
         return findings
+
+
+def _soften_skipped(findings: list[pb.Finding], report: pb.StepReport) -> None:
+    """Turn the critical findings of a step whose update every rank skipped into warnings: they must not halt."""
+    for finding in findings:
+        if finding.severity == pb.SEVERITY_CRITICAL and finding.evidence.step == report.step:
+            finding.severity = pb.SEVERITY_WARNING
+            finding.message += (f" Every rank skipped this update under the skip policy "
+                                f"({report.consecutive_skips} in a row so far).")
 
 
 def _is_batch_finite(report: pb.StepReport) -> bool:

@@ -149,6 +149,10 @@ class ServiceMetrics:
             "nanwatch_nonfinite_grads", "Step reports with at least one NaN or Inf gradient.", ["run_id"],
             registry=reg,
         )
+        self.skipped_updates = Counter(
+            "nanwatch_skipped_updates", "Non-finite updates that a rank skipped under the skip policy.", ["run_id"],
+            registry=reg,
+        )
         self.findings = Counter(
             "nanwatch_findings", "Findings recorded by the staged checks.",
             ["run_id", "stage", "severity", "code"], registry=reg,
@@ -186,7 +190,7 @@ class ServiceMetrics:
         self._run_families: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
             (self.loss, step_names), (self.grad_norm, step_names), (self.step, step_names),
             (self.loss_scale, step_names), (self.nonfinite_loss, ("run_id",)), (self.nonfinite_grads, ("run_id",)),
-            (self.findings, ("run_id", "stage", "severity", "code")), (self.halts, ("run_id", "source")),
+            (self.skipped_updates, ("run_id",)), (self.findings, ("run_id", "stage", "severity", "code")), (self.halts, ("run_id", "source")),
             (self.run_halted, ("run_id",)),
         ]
 
@@ -245,6 +249,8 @@ class ServiceMetrics:
             self.nonfinite_loss.labels(run_id).inc()
         if report.nonfinite_grad_count > 0 or not math.isfinite(report.grad_norm):
             self.nonfinite_grads.labels(run_id).inc()
+        if report.update_skipped:
+            self.skipped_updates.labels(run_id).inc()
         if not self.rank_label and rank != 0:
             return
         labels = (run_id, str(rank)) if self.rank_label else (run_id,)

@@ -10,3 +10,5 @@ BOOTSTRAP_DIR = Path(__file__).resolve().parent
 AUTOWATCH_ENV = "NANWATCH_AUTOWATCH"
 # Folder where a halted process leaves a marker file for ``nanwatch run``.
 RUN_DIR_ENV = "NANWATCH_RUN_DIR"
+# Consecutive non-finite updates a Watcher skips on every rank before it halts (the skip policy).
+MAX_CONSECUTIVE_SKIPS_ENV = "NANWATCH_MAX_CONSECUTIVE_SKIPS"

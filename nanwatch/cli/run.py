@@ -27,7 +27,7 @@ from typing import TextIO
 
 import grpc
 
-from nanwatch.bootstrap import AUTOWATCH_ENV, BOOTSTRAP_DIR, RUN_DIR_ENV
+from nanwatch.bootstrap import AUTOWATCH_ENV, BOOTSTRAP_DIR, MAX_CONSECUTIVE_SKIPS_ENV, RUN_DIR_ENV
 from nanwatch.cli.report import render_status, status_to_json
 from nanwatch.endpoint import ENDPOINT_ENV, validate_endpoint
 from nanwatch.errors import HALT_EXIT_CODE_ENV, halt_exit_code
@@ -56,6 +56,9 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--report-json", default=None,
                      help="write the run's status as JSON to this file when the command ends")
     run.add_argument("--quiet", action="store_true", help="do not print the staged report at the end")
+    run.add_argument("--max-consecutive-skips", type=int, default=None, metavar="N",
+                     help="skip a step whose loss or gradients are non-finite on every rank, up to N "
+                          f"steps in a row, then halt (default ${MAX_CONSECUTIVE_SKIPS_ENV} or 0: halt at once)")
     run.add_argument("training_command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
 
@@ -77,6 +80,10 @@ def run_command(args: argparse.Namespace, out: TextIO = sys.stderr) -> int:
     if not 1 <= exit_code <= 255:
         print(f"nanwatch run: --halt-exit-code {exit_code} is outside 1..255", file=out)
         return EXIT_USAGE
+    if args.max_consecutive_skips is not None and args.max_consecutive_skips < 0:
+        print(f"nanwatch run: --max-consecutive-skips {args.max_consecutive_skips} is negative; give 0 or more",
+              file=out)
+        return EXIT_USAGE
 
     with tempfile.TemporaryDirectory(prefix="nanwatch-run-") as folder:
         run_dir = Path(folder)
@@ -92,7 +99,10 @@ def run_command(args: argparse.Namespace, out: TextIO = sys.stderr) -> int:
 
 def _run_watched(command: list[str], args: argparse.Namespace, run_id: str, endpoint: str, run_dir: Path,
                  exit_code: int, out: TextIO) -> int:
-    child_exit = _run_child(command, _child_environment(run_id, endpoint, run_dir, exit_code))
+    environment = _child_environment(run_id, endpoint, run_dir, exit_code)
+    if args.max_consecutive_skips is not None:
+        environment[MAX_CONSECUTIVE_SKIPS_ENV] = str(args.max_consecutive_skips)
+    child_exit = _run_child(command, environment)
     halts = _read_halt_markers(run_dir)
     status = _fetch_status(endpoint, run_id)
     halted = bool(halts) or (status is not None and status.summary.halted)
