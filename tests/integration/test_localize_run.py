@@ -108,3 +108,17 @@ def test_embedded_watcher_status_json(service: object, stub: pb_grpc.NanwatchStu
     assert location["op"] == "Tensor.div"
     assert "self.fc(x) / self.shift" in location["code"]
     assert "location: forward; module '1' (_Shifted); op Tensor.div" in render_status(status)
+
+
+def test_run_skip_flag_trains_past_bad_step(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "nanwatch.cli.main", "run", "--max-consecutive-skips", "1", "--report-json",
+         str(report_path), "--", sys.executable, str(SCRIPT), "--bad-step", "4"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    report = json.loads(report_path.read_text())
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["halted"] is False
+    assert "skipped the non-finite update of step 4" in result.stderr
