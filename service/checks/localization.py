@@ -39,6 +39,8 @@ DOMAIN_OPS = frozenset({"log", "log2", "log10", "log1p", "div", "truediv", "rtru
                         "sqrt", "pow", "acos", "asin", "atanh", "xlogy", "lgamma", "digamma"})
 # Advice per operation family, matched against the operation's base name.
 _OP_FIXES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("log1p",), "clamp its argument above -1 (torch.log1p(x.clamp_min(-1 + 1e-6))), or fix the values below -1 "
+                 "that reach it"),
     (("log", "xlogy"), "clamp its argument above 0 (torch.log(x.clamp_min(1e-12))) or compute in log space "
                        "(F.log_softmax, F.logsigmoid, logits-based losses)"),
     (("div", "reciprocal"), "add an eps to the divisor (x / (d + 1e-8)) or mask the rows where it is 0"),
@@ -80,7 +82,7 @@ def apply_location(report: pb.StepReport, findings: list[pb.Finding], where: Whe
             if id(finding) in same_ids or finding.code not in _GUESSED_CODES or finding.evidence.step != where.step]
     if same:
         for finding in same:
-            _enrich(finding, location)
+            _enrich(finding, location, where)
     elif code:
         kept.append(located_finding(location, where))
     for finding in kept:
@@ -89,13 +91,24 @@ def apply_location(report: pb.StepReport, findings: list[pb.Finding], where: Whe
     return kept
 
 
-def _enrich(finding: pb.Finding, location: pb.Location) -> None:
+def _enrich(finding: pb.Finding, location: pb.Location, where: Where) -> None:
+    """Add the location to a finding of the same origin.
+
+    A guess from the step's values (which layer might have overflowed) gives way
+    to the located message and fix. A finding with its own insight, such as a
+    Sigmoid fed into a hand-written BCE, keeps its text and gains the location.
+    """
     finding.evidence.location.CopyFrom(location)
     finding.evidence.layer = finding.evidence.layer or location.module
+    if finding.code in _GUESSED_CODES and location.op:
+        located = located_finding(location, where)
+        finding.message, finding.fix = located.message, located.fix
+        finding.severity = pb.SEVERITY_CRITICAL
+        finding.evidence.values.update(located.evidence.values)
+        return
     finding.message = f"{finding.message} Replayed on rank {location.rank}: {location.detail}"
     if location.phase == pb.LOCATION_PHASE_FORWARD:
         finding.severity = pb.SEVERITY_CRITICAL
-        finding.fix = f"At {location.source}: {_op_fix(location.op)}. {finding.fix}"
 
 
 def located_finding(location: pb.Location, where: Where) -> pb.Finding:
