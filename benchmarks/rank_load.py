@@ -3,7 +3,9 @@
 Modes:
   stream  every rank writes step reports as fast as flow control lets it; prints JSON
           lines {"event": "ready"}, {"event": "measure-start"}, {"event": "measure-end", "sent": n}
-          so that the parent samples the server's CPU and memory between them.
+          so that the parent samples the server's CPU and memory between them. A stream that
+          fails, while opening or later, ends the output with {"event": "failed", "opened": n,
+          "code": name}, where n counts the streams that stayed open.
   halt    per trial a new run of N ranks; rank 0 sends a report with a NaN loss and the
           time until every rank's stream delivers the HALT is measured; prints one JSON
           line {"latencies_s": [...], "first_latencies_s": [...]}.
@@ -19,8 +21,9 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -31,6 +34,8 @@ from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
 WATCH_METHOD = "/nanwatch.v1.Nanwatch/Watch"
 REGISTER_CONCURRENCY = 64
 HALT_WAIT_S = 10.0
+CONNECTED_WAIT_S = 30.0
+PUMP_STOP_WAIT_S = 10.0
 # Parameter tensors of the simulated model (a 4-layer transformer has about this many).
 SIMULATED_PARAMETERS = 36
 
@@ -156,13 +161,17 @@ async def drain(call: grpc.aio.StreamStreamCall) -> None:
         return
 
 
-async def pump(call: grpc.aio.StreamStreamCall, payloads: ReportBytes, stop: asyncio.Event, sent: list[int]) -> None:
-    """Write reports with rising steps on one stream until stop is set."""
+async def pump(call: grpc.aio.StreamStreamCall, payloads: ReportBytes, stop: asyncio.Event, sent: list[int]) -> str:
+    """Write reports with rising steps on one stream until stop is set; return "" or the code that ended it."""
     step = 1
-    while not stop.is_set():
-        await call.write(payloads.at_step(step))
-        step += 1
-        sent[0] += 1
+    try:
+        while not stop.is_set():
+            await call.write(payloads.at_step(step))
+            step += 1
+            sent[0] += 1
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return ""
 
 
 def emit(**fields: object) -> None:
@@ -182,6 +191,14 @@ async def run_stream(args: argparse.Namespace) -> None:
     except StreamsFailed as failure:
         emit(event="failed", opened=failure.opened, code=failure.code)
         return
+    if args.kind == "nanwatch":
+        # A stream that the server's backlog limit rejected can still take its first write,
+        # so the service's own count of connected ranks is the check.
+        connected = await wait_connected(channels[0], args.run_id, ranks)
+        if connected < len(ranks):
+            emit(event="failed", opened=connected, code="NOT_CONNECTED")
+            await _close(calls, [], channels)
+            return
     drains = [asyncio.create_task(drain(call)) for call in calls]
     emit(event="ready", register_s=registered_s, setup_s=time.perf_counter() - started)
 
@@ -193,10 +210,19 @@ async def run_stream(args: argparse.Namespace) -> None:
     await asyncio.sleep(args.measure_s)
     emit(event="measure-end", sent=sent[0])
     stop.set()
-    await _close(calls, pumps + drains, channels)
+    await _report_failed_pumps(pumps)
+    await _close(calls, [*pumps, *drains], channels)
 
 
-async def _close(calls: list[grpc.aio.StreamStreamCall], tasks: list[asyncio.Task[None]],
+async def _report_failed_pumps(pumps: list[asyncio.Task[str]]) -> None:
+    """Emit a failed event when a stream ended with an error during the run; streams fail silently otherwise."""
+    done, _ = await asyncio.wait(pumps, timeout=PUMP_STOP_WAIT_S)
+    codes = [task.result() for task in done if task.result()]
+    if codes:
+        emit(event="failed", opened=len(pumps) - len(codes), code=codes[0])
+
+
+async def _close(calls: list[grpc.aio.StreamStreamCall], tasks: Sequence[asyncio.Task[Any]],
                  channels: list[grpc.aio.Channel]) -> None:
     for call in calls:
         call.cancel()
@@ -206,15 +232,19 @@ async def _close(calls: list[grpc.aio.StreamStreamCall], tasks: list[asyncio.Tas
     await asyncio.gather(*(channel.close() for channel in channels))
 
 
-async def wait_connected(channel: grpc.aio.Channel, run_id: str, ranks: int) -> None:
-    """Poll GetRunStatus until every rank of run_id has an open Watch stream."""
+async def wait_connected(channel: grpc.aio.Channel, run_id: str, ranks: range) -> int:
+    """Poll GetRunStatus until every rank in ranks has an open Watch stream, or CONNECTED_WAIT_S passes.
+
+    Returns how many of them the service lists as connected.
+    """
     stub = pb_grpc.NanwatchStub(channel)
-    for _ in range(2000):
+    deadline = time.perf_counter() + CONNECTED_WAIT_S
+    while True:
         status = await stub.GetRunStatus(pb.GetRunStatusRequest(run_id=run_id), timeout=10)
-        if sum(1 for info in status.ranks if info.connected) == ranks:
-            return
+        connected = sum(1 for info in status.ranks if info.connected and info.rank in ranks)
+        if connected == len(ranks) or time.perf_counter() > deadline:
+            return connected
         await asyncio.sleep(0.005)
-    raise TimeoutError(f"run {run_id}: not all {ranks} Watch streams were open after 10 s")
 
 
 async def first_halt(call: grpc.aio.StreamStreamCall) -> float:
@@ -231,7 +261,10 @@ async def halt_trial(args: argparse.Namespace, channels: list[grpc.aio.Channel],
     ranks = range(args.ranks)
     await register_all(channels, run_id, ranks, args.ranks)
     calls = await open_streams(channels, "nanwatch", run_id, ranks)
-    await wait_connected(channels[0], run_id, args.ranks)
+    connected = await wait_connected(channels[0], run_id, ranks)
+    if connected < args.ranks:
+        raise RuntimeError(f"run {run_id}: {connected} of {args.ranks} Watch streams were open after "
+                           f"{CONNECTED_WAIT_S:g} s")
     waits = [asyncio.create_task(first_halt(call)) for call in calls]
 
     poisoned = report_template()

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from nanwatch.service.auth import TokenAuthInterceptor, read_pem, resolve_auth_mode
 from nanwatch.service.engine import CheckEngine
+from nanwatch.service.live import DEFAULT_LIVE_RUN_TTL_S, DEFAULT_MAX_LIVE_RUNS
 from nanwatch.service.metrics import DEFAULT_MAX_RUNS, DEFAULT_RUN_TTL_S, ServiceMetrics
 from nanwatch.service.servicer import MalformedRequestInterceptor, NanwatchServicer
 from nanwatch.service.store import Store
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Nanwatch"].full_name
 MiB = 1 << 20
+DEFAULT_MAX_PENDING_REQUESTS = 16_384
+MIN_SWEEP_INTERVAL_S = 0.05
+MAX_SWEEP_INTERVAL_S = 60.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -67,6 +71,22 @@ class ServiceConfig:
     """Most runs that have series labelled with their run id; at the cap the earliest finished run gives way."""
     metrics_run_ttl_s: float = DEFAULT_RUN_TTL_S
     """Seconds after its last rank disconnected that a run's labelled series are removed."""
+    max_live_runs: int = DEFAULT_MAX_LIVE_RUNS
+    """Maximum number of runs held in memory; at the cap the idle run with the oldest activity gives way.
+
+    When every tracked run has a connected rank, a new run's RegisterRank gets RESOURCE_EXHAUSTED.
+    """
+    live_run_ttl_s: float = DEFAULT_LIVE_RUN_TTL_S
+    """Seconds without a connected rank or a report after which a run leaves memory (the store keeps it)."""
+    max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
+    """Maximum number of incoming calls that gRPC core queues before the event loop accepts them.
+
+    Calls beyond it are cancelled. All ranks of a job open their streams at once, so
+    this should be at least the largest number of ranks that start together. Without it, gRPC core (grpcio 1.85)
+    rejects a growing random share of calls beyond a queue of 1,000 and every call
+    beyond 3,000 (the server arguments grpc.server.max_pending_requests and
+    grpc.server.max_pending_requests_hard_limit).
+    """
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
@@ -79,6 +99,12 @@ class ServiceConfig:
             raise ValueError(f"max_runs_in_metrics={self.max_runs_in_metrics} must be at least 1")
         if not self.metrics_run_ttl_s > 0:
             raise ValueError(f"metrics_run_ttl_s={self.metrics_run_ttl_s} must be a positive number of seconds")
+        if self.max_live_runs < 1:
+            raise ValueError(f"max_live_runs={self.max_live_runs} must be at least 1")
+        if not self.live_run_ttl_s > 0:
+            raise ValueError(f"live_run_ttl_s={self.live_run_ttl_s} must be a positive number of seconds")
+        if self.max_pending_requests < 1:
+            raise ValueError(f"max_pending_requests={self.max_pending_requests} must be at least 1")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"health_port={self.health_port} is not a TCP port; use 0..65535")
         if (self.tls_cert_path is None) != (self.tls_key_path is None):
@@ -128,11 +154,15 @@ class RunningService:
         self.health_server: grpc.aio.Server | None = None
         """The plaintext health-only server, when ServiceConfig.health_port is set."""
         self.health_port: int | None = None
+        self.sweeper: asyncio.Task[None] | None = None
+        """The task that removes idle runs from memory."""
 
     async def stop(self) -> None:
         logger.info("stopping: health NOT_SERVING, draining for up to %.1f s", self.grace_s)
         await self.health_servicer.enter_graceful_shutdown()
         await self.server.stop(self.grace_s)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.health_server is not None:
             await self.health_server.stop(None)
         self._metrics_http.shutdown()  # type: ignore[attr-defined]
@@ -147,7 +177,8 @@ async def start_service(config: ServiceConfig) -> RunningService:
                              run_ttl_s=config.metrics_run_ttl_s)
     supervisor = Supervisor(
         store=store, engine=CheckEngine(config.load_thresholds()), metrics=metrics,
-        max_batch_bytes=config.max_batch_bytes,
+        max_batch_bytes=config.max_batch_bytes, max_live_runs=config.max_live_runs,
+        live_run_ttl_s=config.live_run_ttl_s,
     )
 
     server = grpc.aio.server(options=_server_options(config), interceptors=_interceptors(config, metrics))
@@ -190,8 +221,22 @@ async def start_service(config: ServiceConfig) -> RunningService:
         server=server, health_servicer=health_servicer, supervisor=supervisor, grpc_port=grpc_port,
         metrics_port=metrics_port, metrics_http=metrics_http, host=config.host, grace_s=config.grace_s,
     )
+    logger.info("holding up to %d runs in memory; a run leaves it after %g s without a connected rank or report",
+                config.max_live_runs, config.live_run_ttl_s)
     running.health_server, running.health_port = health_server, health_port
+    running.sweeper = asyncio.create_task(_sweep_idle_runs(supervisor, config.live_run_ttl_s))
     return running
+
+
+async def _sweep_idle_runs(supervisor: Supervisor, ttl_s: float) -> None:
+    """Remove idle runs from memory every ttl_s / 2 seconds (within 0.05-60 s) until cancelled."""
+    interval_s = min(max(ttl_s / 2, MIN_SWEEP_INTERVAL_S), MAX_SWEEP_INTERVAL_S)
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            supervisor.expire_idle_runs()
+        except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps that follow
+            logger.exception("removing idle runs from memory failed; retrying in %.1f s", interval_s)
 
 
 def _server_options(config: ServiceConfig) -> list[tuple[str, int]]:
@@ -204,6 +249,11 @@ def _server_options(config: ServiceConfig) -> list[tuple[str, int]]:
         # Without this, Linux lets a second service bind the same port and the two
         # split the clients between their stores.
         ("grpc.so_reuseport", 0),
+        # Calls wait in gRPC core until the event loop accepts them. Past the soft limit
+        # core rejects a random share of new calls, past the hard limit all of them, so
+        # both are set to one limit: a job's burst of streams is queued, not cut at random.
+        ("grpc.server.max_pending_requests", config.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", config.max_pending_requests),
     ]
 
 

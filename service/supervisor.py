@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -20,7 +20,9 @@ from nanwatch.service.checklist import build_checklist
 from nanwatch.service.checks.catalog import spec_for
 from nanwatch.service.diagnosis import choose_primary
 from nanwatch.service.engine import CheckEngine
-from nanwatch.service.live import LiveRun, LiveRuns
+from nanwatch.service.live import (
+    DEFAULT_LIVE_RUN_TTL_S, DEFAULT_MAX_LIVE_RUNS, REMOVED_CAP, LiveRun, LiveRuns, LiveRunsFull,
+)
 from nanwatch.service.metrics import ServiceMetrics
 from nanwatch.service.store import HaltRecord, Store
 from nanwatch.service.tensor_codec import TensorDecodeError, decode_tensor
@@ -45,15 +47,21 @@ class Supervisor:
         engine: the staged checks.
         metrics: the Prometheus metric families to update.
         max_batch_bytes: limit on the raw tensor bytes of one CheckBatch request.
+        max_live_runs: maximum number of runs held in memory (connected ranks, check state); see LiveRuns.
+        live_run_ttl_s: seconds after which a run with no connected rank and no report leaves memory.
+        clock: monotonic clock of the live-run expiry, replaceable in tests.
     """
 
     def __init__(
-        self, *, store: Store, engine: CheckEngine, metrics: ServiceMetrics, max_batch_bytes: int
+        self, *, store: Store, engine: CheckEngine, metrics: ServiceMetrics, max_batch_bytes: int,
+        max_live_runs: int = DEFAULT_MAX_LIVE_RUNS, live_run_ttl_s: float = DEFAULT_LIVE_RUN_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.engine = engine
         self.metrics = metrics
-        self.live = LiveRuns()
+        self.live = LiveRuns(max_runs=max_live_runs, idle_ttl_s=live_run_ttl_s, on_remove=self._forget_live_run,
+                             clock=clock)
         self.max_batch_bytes = max_batch_bytes
 
     def restore_metrics(self, recent_runs: int = 1000) -> None:
@@ -77,7 +85,10 @@ class Supervisor:
                 f"run {request.run_id!r} was registered with world_size {stored.world_size}, not "
                 f"{request.world_size}; use a new run id for a job of another size",
             )
-        run = self.live.ensure(request.run_id, request.world_size)
+        try:
+            run = self.live.ensure(request.run_id, request.world_size)
+        except LiveRunsFull as error:
+            return self._answer_untracked_registration(request, error)
         self._claim_rank(run, request)
         self.store.upsert_rank(request)
         self.metrics.observe_run(request.run_id, halted=self.store.get_halt(request.run_id) is not None)
@@ -89,13 +100,27 @@ class Supervisor:
         findings = self.engine.check_registration(request)
         recorded = self._record_findings(findings)
         self._persist_progress(request.run_id)
-        self._halt_on_critical(run, recorded, step=0)
+        self._halt_on_critical(request.run_id, recorded, step=0)
 
         response = pb.RegisterRankResponse(findings=recorded)
         halt = self.store.get_halt(request.run_id)
         if halt is not None:
             response.halt.CopyFrom(_halt_signal(halt))
         return response
+
+    def _answer_untracked_registration(
+        self, request: pb.RegisterRankRequest, error: LiveRunsFull
+    ) -> pb.RegisterRankResponse:
+        """Return the stored halt of a run that cannot be tracked now, or reject the registration.
+
+        A halted run needs no tracking: its rank only has to learn of the halt.
+        """
+        halt = self.store.get_halt(request.run_id)
+        if halt is None:
+            logger.warning("registration rejected run=%s rank=%d: %s", request.run_id, request.rank, error)
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        logger.info("registered halted run=%s rank=%d without tracking it: %s", request.run_id, request.rank, error)
+        return pb.RegisterRankResponse(halt=_halt_signal(halt))
 
     def _claim_rank(self, run: LiveRun, request: pb.RegisterRankRequest) -> None:
         state = run.rank(request.rank)
@@ -108,7 +133,9 @@ class Supervisor:
         if state.client_id == request.client_id:
             logger.info("rank reconnected run=%s rank=%d client=%s", request.run_id, request.rank, request.client_id)
         else:
-            state.last_step = -1  # a new process for this rank (for example after a restart) starts over
+            # A new process for this rank (for example after a restart) starts over.
+            state.last_step = -1
+            state.dropped_reports = 0
         state.client_id = request.client_id
         state.host = request.host
 
@@ -125,7 +152,10 @@ class Supervisor:
             )
         check_rank(start.rank, stored.world_size)
         check_text(start.client_id, "start.client_id", MAX_ID_CHARS)
-        run = self.live.ensure(start.run_id, stored.world_size)
+        try:
+            run = self.live.ensure(start.run_id, stored.world_size)
+        except LiveRunsFull as error:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         _check_stream_owner(run, start)
         outbox = self.live.connect(start.run_id, start.rank, stored.world_size)
         run.rank(start.rank).client_id = start.client_id or run.rank(start.rank).client_id
@@ -148,25 +178,38 @@ class Supervisor:
     def process_report(self, run: LiveRun, rank: int, report: pb.StepReport) -> None:
         started = time.perf_counter()
         check_report(report, run.rank(rank).last_step)
+        self._count_client_drops(run, rank, report.dropped_reports)
         self.live.record_report(run.run_id, rank, report)
         self.metrics.observe_report(run.run_id, rank, report)
-        if report.dropped_reports:
-            logger.warning(
-                "client dropped reports run=%s rank=%d dropped=%d", run.run_id, rank, report.dropped_reports
-            )
 
         findings = self.engine.check_report(run.run_id, rank, report)
         if report.halted_locally and report.HasField("client_finding"):
             findings += _accepted_client_finding(run.run_id, rank, report)
         recorded = self._record_findings(findings)
-        self._halt_on_critical(run, recorded, step=report.step)
+        self._halt_on_critical(run.run_id, recorded, step=report.step)
         if report.halted_locally:
-            self._halt(run, step=report.step, first_rank=rank, source=HALT_SOURCE_CLIENT,
+            self._halt(run.run_id, step=report.step, first_rank=rank, source=HALT_SOURCE_CLIENT,
                        reason=f"rank {rank} stopped at step {report.step} on its own checks")
             self._record_stop_step(run.run_id, report.step)
         if report.forward_trace or report.step % 50 == 0 or recorded:
             self._persist_progress(run.run_id)
         self.metrics.report_seconds.observe(time.perf_counter() - started)
+
+    def _count_client_drops(self, run: LiveRun, rank: int, dropped_so_far: int) -> None:
+        """Add the reports the rank's client dropped since its previous report to the dropped counter.
+
+        StepReport.dropped_reports is the client's running count, so only its increase is new.
+        """
+        state = run.rank(rank)
+        # NOTE: a rank whose run left memory while the rank was away starts again from 0 here,
+        # so drops it reported before are counted a second time.
+        previous = state.dropped_reports
+        if dropped_so_far <= previous:
+            return
+        state.dropped_reports = dropped_so_far
+        self.metrics.reports_dropped.inc(dropped_so_far - previous)
+        if dropped_so_far.bit_length() > previous.bit_length():  # logs at 1, 2, 4, 8, ... drops
+            logger.warning("client dropped reports run=%s rank=%d total=%d", run.run_id, rank, dropped_so_far)
 
     # ---- whole batches ----
 
@@ -187,8 +230,8 @@ class Supervisor:
             request.run_id, request.rank, request.step, tensors, list(request.sample_ids)
         )
         recorded = self._record_findings(findings)
-        run = self.live.ensure(request.run_id, stored.world_size)
-        self._halt_on_critical(run, recorded, step=max(request.step, run.max_step() + 1))
+        step = max(request.step, self._live_max_step(request.run_id) + 1)
+        self._halt_on_critical(request.run_id, recorded, step=step)
         self._persist_progress(request.run_id)
         valid = all(finding.severity != pb.SEVERITY_CRITICAL for finding in recorded)
         return pb.CheckBatchResponse(valid=valid, findings=recorded)
@@ -225,9 +268,9 @@ class Supervisor:
         if not reason:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                "reason is empty; say why the run is halted (it is shown on every rank)")
-        run = self.live.ensure(request.run_id, stored.world_size)
-        step = max(run.max_step() + 1, stored.last_step + 1, 0)
-        self._halt(run, step=step, first_rank=-1, source=HALT_SOURCE_OPERATOR, reason=f"operator halt: {reason}")
+        step = max(self._live_max_step(request.run_id) + 1, stored.last_step + 1, 0)
+        self._halt(request.run_id, step=step, first_rank=-1, source=HALT_SOURCE_OPERATOR,
+                   reason=f"operator halt: {reason}")
         halt = self.store.get_halt(request.run_id)
         assert halt is not None
         return pb.HaltRunResponse(halt=_halt_signal(halt), already_halted=False)
@@ -318,29 +361,33 @@ class Supervisor:
             )
         return recorded
 
-    def _halt_on_critical(self, run: LiveRun, findings: Sequence[pb.Finding], *, step: int) -> None:
+    def _halt_on_critical(self, run_id: str, findings: Sequence[pb.Finding], *, step: int) -> None:
         critical = [finding for finding in findings if finding.severity == pb.SEVERITY_CRITICAL]
         if not critical:
             return
         first = critical[0]
-        self._halt(run, step=step, first_rank=first.evidence.rank, source=HALT_SOURCE_FINDING,
+        self._halt(run_id, step=step, first_rank=first.evidence.rank, source=HALT_SOURCE_FINDING,
                    reason=f"{first.code} on rank {first.evidence.rank}: {first.message}")
 
-    def _halt(self, run: LiveRun, *, step: int, first_rank: int, source: str, reason: str) -> None:
-        """Record the run's halt (the first one wins) and send HALT to every connected rank."""
-        if self.store.get_halt(run.run_id) is not None:
+    def _halt(self, run_id: str, *, step: int, first_rank: int, source: str, reason: str) -> None:
+        """Record the run's halt (the first one wins) and send HALT to every connected rank.
+
+        The halt is stored, so a rank of a run that is not in memory gets it when it registers
+        or opens its Watch stream.
+        """
+        if self.store.get_halt(run_id) is not None:
             return
-        primary = choose_primary(self.store.list_findings(run.run_id), step)
-        record = HaltRecord(run.run_id, step, reason, source, first_rank, time.time(), primary)
+        primary = choose_primary(self.store.list_findings(run_id), step)
+        record = HaltRecord(run_id, step, reason, source, first_rank, time.time(), primary)
         if not self.store.add_halt(record):
             return
-        self.metrics.observe_halt(run.run_id, source)
-        sent = self.live.broadcast(run.run_id, _halt_signal(record))
-        self._persist_progress(run.run_id)
+        self.metrics.observe_halt(run_id, source)
+        sent = self.live.broadcast(run_id, _halt_signal(record))
+        self._persist_progress(run_id)
         log = logger.warning if source == HALT_SOURCE_OPERATOR else logger.error
         log(
             "halt run=%s step=%d source=%s first_rank=%d ranks_signalled=%d: %s",
-            run.run_id, step, source, first_rank, sent, reason,
+            run_id, step, source, first_rank, sent, reason,
         )
 
     def _record_stop_step(self, run_id: str, step: int) -> None:
@@ -354,12 +401,38 @@ class Supervisor:
             self.store.update_halt_step(run_id, step)
             logger.info("halt run=%s: ranks stopped at step %d (requested %d)", run_id, step, halt.step)
 
-    def _persist_progress(self, run_id: str) -> None:
-        live = self.live.get(run_id)
+    def _persist_progress(self, run_id: str, live: LiveRun | None = None) -> None:
+        live = live if live is not None else self.live.get(run_id)
         last_step = live.max_step() if live else -1
         stored = self.store.get_run(run_id)
         evaluated = self.engine.evaluated_codes(run_id) | (stored.evaluated_codes if stored else set())
         self.store.update_run_progress(run_id, last_step=last_step, evaluated_codes=evaluated)
+
+    def _live_max_step(self, run_id: str) -> int:
+        live = self.live.get(run_id)
+        return live.max_step() if live is not None else -1
+
+    # ---- runs leaving memory ----
+
+    def expire_idle_runs(self) -> list[str]:
+        """Remove from memory the runs idle for live_run_ttl_s; return their ids. The store keeps them."""
+        return self.live.expire_idle()
+
+    def _forget_live_run(self, run: LiveRun, reason: str) -> None:
+        """Save the progress of a run that leaves memory, then drop its check state.
+
+        The store keeps the run, its findings and its halt, so GetRunStatus, ListRuns and
+        a rank that registers again get the same responses as before. The check engine starts the
+        run's histories afresh if a rank reports again.
+        """
+        self._persist_progress(run.run_id, run)
+        self.engine.forget_run(run.run_id)
+        if reason == REMOVED_CAP:
+            removal = f"evicted from memory, max_live_runs={self.live.max_runs} reached"
+        else:
+            removal = f"expired from memory after {self.live.idle_ttl_s:g} s without a connected rank or report"
+        logger.info("run %s run=%s ranks=%d last_step=%d; the store keeps it",
+                    removal, run.run_id, len(run.ranks), run.max_step())
 
 
 def _accepted_client_finding(run_id: str, rank: int, report: pb.StepReport) -> list[pb.Finding]:

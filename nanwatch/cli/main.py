@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from nanwatch.cli import remote
 from nanwatch.cli.run import add_run_parser
+from nanwatch.cli.serve import add_memory_limit_arguments
 from nanwatch.endpoint import ENDPOINT_ENV, default_endpoint
 
 EXIT_USAGE = 2
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most runs with per-run metric series; the earliest finished run gives way (default 1000)")
     serve.add_argument("--metrics-run-ttl-seconds", type=float, default=3600.0,
                        help="remove a run's metric series this long after its last rank disconnected (default 3600)")
+    add_memory_limit_arguments(serve)
 
     endpoint_help = f"service address HOST:PORT (default ${ENDPOINT_ENV} or {default_endpoint()})"
     tls_ca_help = "PEM CA that signed the service's TLS certificate (default $NANWATCH_TLS_CA; unset: plaintext)"

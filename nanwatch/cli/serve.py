@@ -4,8 +4,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
+
+MAX_LIVE_RUNS_ENV = "NANWATCH_MAX_LIVE_RUNS"
+LIVE_RUN_TTL_ENV = "NANWATCH_LIVE_RUN_TTL_SECONDS"
+MAX_PENDING_REQUESTS_ENV = "NANWATCH_MAX_PENDING_REQUESTS"
+
+
+def add_memory_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    """Add the options that bound the runs held in memory and the queue of calls not yet accepted.
+
+    Each option defaults to its environment variable, else to the ServiceConfig default.
+    """
+    serve.add_argument("--max-live-runs", type=int, default=None,
+                       help=f"maximum number of runs held in memory; the idle run with the oldest activity gives way "
+                            f"(default ${MAX_LIVE_RUNS_ENV}, else 1000)")
+    serve.add_argument("--live-run-ttl-seconds", type=float, default=None,
+                       help=f"remove a run from memory, not from the store, after this many seconds without a "
+                            f"connected rank or report (default ${LIVE_RUN_TTL_ENV}, else 3600)")
+    serve.add_argument("--max-pending-requests", type=int, default=None,
+                       help=f"maximum number of incoming calls queued before the service accepts them; at least "
+                            f"the largest number of ranks that start at once "
+                            f"(default ${MAX_PENDING_REQUESTS_ENV}, else 16384)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -32,6 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
             health_port=args.health_port,
             max_runs_in_metrics=args.max_runs_in_metrics,
             metrics_run_ttl_s=args.metrics_run_ttl_seconds,
+            **memory_limits(args),
         )
         config.load_thresholds()
         config.server_credentials()  # reads the TLS files now, so a bad path fails before binding
@@ -44,3 +68,40 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("cannot start the service: %s", error)
         return 2
     return 0
+
+
+def memory_limits(args: argparse.Namespace) -> dict[str, int | float]:
+    """Return the ServiceConfig memory limits set by an option or environment variable; unset ones are left out.
+
+    Raises:
+        ValueError: an environment variable does not hold a number.
+    """
+    limits: dict[str, int | float] = {}
+    settings: list[tuple[str, str, str, Callable[[str], int | float]]] = [
+        ("max_live_runs", "max_live_runs", MAX_LIVE_RUNS_ENV, int),
+        ("live_run_ttl_s", "live_run_ttl_seconds", LIVE_RUN_TTL_ENV, float),
+        ("max_pending_requests", "max_pending_requests", MAX_PENDING_REQUESTS_ENV, int),
+    ]
+    for field_name, option, variable, parse in settings:
+        value = _option_or_env(args, option, variable, parse)
+        if value is not None:
+            limits[field_name] = value
+    return limits
+
+
+def _option_or_env(
+    args: argparse.Namespace, option: str, variable: str, parse: Callable[[str], int | float]
+) -> int | float | None:
+    # The parser may lack the option (it is added by add_memory_limit_arguments), so a missing
+    # attribute means "not given on the command line".
+    from_option = getattr(args, option, None)
+    if from_option is not None:
+        return from_option  # type: ignore[no-any-return]
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        kind = "an integer" if parse is int else "a number"
+        raise ValueError(f"${variable}={text!r} is not {kind}; set {kind} or unset it") from None
