@@ -14,6 +14,7 @@ from torch import nn
 from nanwatch.client.agreement import Agreement
 from nanwatch.client.batch_sender import BatchSender
 from nanwatch.client.connection import resolve_channel_security
+from nanwatch.client.local_checks import Reason
 from nanwatch.client.localize import Localizer, StepCapture, replaying
 from nanwatch.client.facts import (
     RankIdentity, build_amp_info, build_clipping_info, build_register_request, collect_parameters, unwrap_model,
@@ -321,7 +322,7 @@ class Watcher:
             return
         elif self._skips.consecutive:
             outcome.halt.reason += f" after {self._skips.consecutive} skipped updates in a row"
-        if outcome.halt is not None and outcome.halt.source == "local":
+        if outcome.halt is not None and self._own_values_nonfinite(outcome.halt):
             self._localize(outcome)
         self._sender.enqueue(outcome.report)
         if outcome.halt is not None:
@@ -342,13 +343,29 @@ class Watcher:
         if self._capture is not None:
             self._capture.clear()
 
+    def _own_values_nonfinite(self, decision: HaltDecision) -> bool:
+        """Return True when this rank's own loss or gradients were non-finite: only then is a replay worth it.
+
+        A batch that check_batch found non-finite is located by its name already, and
+        the model may have seen a cleaned copy of it.
+        """
+        index = self._checker.context.agreement.index
+        own = decision.codes[index] if index < len(decision.codes) else 0
+        if decision.source != "local" or not own & (Reason.LOSS | Reason.GRADIENT):
+            return False
+        # Gradients are all-reduced: with a non-finite loss on another rank, this rank's
+        # non-finite gradients arrived from there, and that rank replays the step.
+        other_loss = any(code & Reason.LOSS for position, code in enumerate(decision.codes) if position != index)
+        return bool(own & Reason.LOSS) or not other_loss
+
     def _localize(self, outcome: StepOutcome) -> None:
         """Replay the halting step and add where its first NaN/Inf was born to the report, finding and reason."""
         if self._localizer is None or outcome.halt is None:
             return
         try:
-            location = self._localizer.localize(step=self._step, rank=self._rank,
-                                                loss_finite=outcome.report.loss_finite)
+            location = self._localizer.localize(
+                step=self._step, rank=self._rank, loss_finite=outcome.report.loss_finite,
+                may_be_remote=len(outcome.halt.codes) > 1 and outcome.report.loss_finite)
         except Exception:  # noqa: BLE001 - the halt goes on without a location
             logger.exception("nanwatch rank %d: replaying step %d to localize the NaN failed", self._rank, self._step)
             return

@@ -32,8 +32,8 @@ def choose_primary(findings: Sequence[pb.Finding], halt_step: int | None) -> pb.
        causes (a log of 0 in the loss, a NaN born in backward, a huge update), then
        a whole-input warning such as DATA_NOT_NORMALIZED;
     3. stage 5, then stage 6; findings after halt_step rank last.
-    Within a tier, critical comes before warning, then the earliest step, then the
-    lowest rank. INFO findings and NON_CAUSAL_CODES are chosen only when nothing else exists.
+    Within a tier and stage, a finding located by a replay comes first, then critical
+    before warning, then the earliest step, then the lowest rank. INFO findings and NON_CAUSAL_CODES are chosen only when nothing else exists.
     """
     if not findings:
         return None
@@ -55,7 +55,7 @@ def _earlier_growth(findings: Sequence[pb.Finding], symptom: pb.Finding) -> pb.F
     return min(growth, key=lambda finding: (finding.evidence.step, finding.evidence.rank), default=None)
 
 
-def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, int, int, int, int, int]:
+def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, ...]:
     evidence = finding.evidence
     stage = int(finding.stage)
     if finding.code in _DATA_DISTRIBUTION_CODES:
@@ -64,10 +64,14 @@ def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, int, int
     # In tier 1 a static cause (step -1) explains a run-time stage-3/4 symptom, such as a
     # forward overflow after a too-high learning rate grew the weights, so it comes first.
     is_runtime = int(tier == 1 and evidence.step >= 0)
+    # A rank that replayed the step and found the origin beats another rank's guess, such as
+    # non-finite gradients that reached a healthy rank through the all-reduce.
+    is_unlocated = int(not (evidence.HasField("location") and evidence.location.reproduced))
     return (
         tier,
         is_runtime,
         stage,
+        is_unlocated,
         -int(finding.severity),
         evidence.step,
         evidence.rank,

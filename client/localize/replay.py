@@ -55,15 +55,20 @@ class Localizer:
         self.model = model
         self.capture = capture
 
-    def localize(self, *, step: int, rank: int, loss_finite: bool) -> pb.Location | None:
-        """Return the Location of the step's first non-finite value; None when nothing was captured to replay."""
+    def localize(self, *, step: int, rank: int, loss_finite: bool, may_be_remote: bool = False) -> pb.Location | None:
+        """Return the Location of the step's first non-finite value, or None when there is nothing to say.
+
+        None means nothing was captured to replay, or, with may_be_remote (several
+        ranks, and a finite loss on this one), that the replay stayed finite: the
+        non-finite gradients may have arrived from another rank through the all-reduce.
+        """
         calls = list(self.capture.calls)
         loss_calls = list(self.capture.loss_calls)
         if not calls and not loss_calls:
             return None
         with replay_guard(), _preserved(self.model):
             location = self._search(calls, loss_calls, loss_finite)
-        if location is None:
+        if location is None or (may_be_remote and location.phase == pb.LOCATION_PHASE_NOT_REPRODUCED):
             return None
         location.rank = rank
         location.step = step

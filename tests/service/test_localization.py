@@ -100,3 +100,13 @@ def test_located_overflow_explained_by_growth() -> None:
     report = _report(phase=pb.LOCATION_PHASE_FORWARD, module="fc", op="torch.nn.functional.linear", produced="inf")
     findings = apply_location(report, [], WHERE) + [_finding("GRAD_GROWTH", step=4, severity=pb.SEVERITY_WARNING)]
     assert choose_primary(findings, halt_step=7).code == "GRAD_GROWTH"
+
+
+def test_located_rank_beats_other_rank_guess() -> None:
+    guess = new_finding("LOSS_BACKWARD_NONFINITE", pb.SEVERITY_CRITICAL, Where(run_id="r", rank=0, step=7),
+                        message="guess", fix="fix")
+    report = _report(phase=pb.LOCATION_PHASE_FORWARD, module="scale", op="torch.log1p", produced="-inf")
+    located = apply_location(report, [], WHERE)
+    primary = choose_primary([guess, *located], halt_step=7)
+    assert primary.evidence.rank == 1
+    assert primary.code == "FORWARD_NONFINITE"
