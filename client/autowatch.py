@@ -118,9 +118,20 @@ class AutoWatch:
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], unused_output: Any) -> None:
         if replaying():
             return
-        if self._depth == 1 and isinstance(module, nn.modules.loss._Loss) and self._current is not None:
-            self._current.observe_loss_call(module, type(module).__name__, args, kwargs)
+        if self._depth == 1 and self._current is not None:
+            try:
+                self._observe_root_output(module, args, kwargs)
+            except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
+                logger.exception("nanwatch autowatch: failed to record the call of %s", type(module).__name__)
         self._depth = max(self._depth - 1, 0)
+
+    def _observe_root_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep a loss module's call for the replay: a torch loss, or a module without parameters on the model output."""
+        watcher = self._current
+        if isinstance(module, nn.modules.loss._Loss):
+            watcher.observe_loss_call(module, type(module).__name__, args, kwargs)
+        elif id(module) not in self._watcher_by_root and next(module.parameters(), None) is None:
+            watcher.observe_loss_call(module, type(module).__name__, args, kwargs, only_on_output=True)
 
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         # NOTE: torch's global forward pre-hook receives positional arguments only, so the

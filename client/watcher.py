@@ -248,12 +248,16 @@ class Watcher:
         if self._capture is not None:
             self._capture.begin_call(args, kwargs)
 
-    def observe_loss_call(self, fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record a loss computation (a loss module or function and its arguments) for the replay of a failing step."""
+    def observe_loss_call(self, fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                          only_on_output: bool = False) -> None:
+        """Record a loss computation (a loss module or function and its arguments) for the replay of a failing step.
+
+        With only_on_output the call is kept only when it takes an output of the model's last forward pass.
+        """
         if self._capture is None:
             return
         try:
-            self._capture.capture_loss(fn, name, args, kwargs)
+            self._capture.capture_loss(fn, name, args, kwargs, only_on_output=only_on_output)
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             logger.exception("nanwatch rank %d: recording the loss call failed at step %d", self._rank, self._step)
 
@@ -318,10 +322,13 @@ class Watcher:
         if outcome.halt is None:
             self._skips.on_healthy_step()
         elif self._skips.should_skip(outcome.halt.codes):
+            if self._own_values_nonfinite(outcome.halt):
+                self._localize(outcome)
             self._skip_update(outcome)
             return
         elif self._skips.consecutive:
-            outcome.halt.reason += f" after {self._skips.consecutive} skipped updates in a row"
+            count = self._skips.consecutive
+            outcome.halt.reason += f" after {count} skipped update{'' if count == 1 else 's'} in a row"
         if outcome.halt is not None and self._own_values_nonfinite(outcome.halt):
             self._localize(outcome)
         self._sender.enqueue(outcome.report)

@@ -37,12 +37,21 @@ def choose_primary(findings: Sequence[pb.Finding], halt_step: int | None) -> pb.
     """
     if not findings:
         return None
+    if any(_is_located(finding) for finding in findings):
+        # The replay names the operation; the first-pass check only saw leaf module outputs.
+        findings = [finding for finding in findings
+                    if not (finding.code in _OVERFLOW_SYMPTOMS and finding.evidence.step < 0)] or list(findings)
     primary = min(findings, key=lambda finding: _rank_key(finding, halt_step))
     # A replay that located a log of 0 or a division by 0 names a cause that growth does not explain.
     is_located_domain_error = primary.evidence.HasField("location") and is_domain_error(primary.evidence.location)
     if primary.code in _OVERFLOW_SYMPTOMS and not is_located_domain_error:
         return _earlier_growth(findings, primary) or primary
     return primary
+
+
+def _is_located(finding: pb.Finding) -> bool:
+    """Return True for a finding whose evidence carries a location that a replay reproduced."""
+    return finding.evidence.HasField("location") and finding.evidence.location.reproduced
 
 
 def _earlier_growth(findings: Sequence[pb.Finding], symptom: pb.Finding) -> pb.Finding | None:
@@ -66,7 +75,7 @@ def _rank_key(finding: pb.Finding, halt_step: int | None) -> tuple[int, ...]:
     is_runtime = int(tier == 1 and evidence.step >= 0)
     # A rank that replayed the step and found the origin beats another rank's guess, such as
     # non-finite gradients that reached a healthy rank through the all-reduce.
-    is_unlocated = int(not (evidence.HasField("location") and evidence.location.reproduced))
+    is_unlocated = int(not _is_located(finding))
     return (
         tier,
         is_runtime,

@@ -101,8 +101,13 @@ class StepCapture:
                 tensor.register_hook(_grad_keeper(call, position))
         self.calls.append(call)
 
-    def capture_loss(self, fn: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record a loss call of this step; its arguments are matched against the last forward pass's outputs."""
+    def capture_loss(self, fn: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     *, only_on_output: bool = False) -> None:
+        """Record a loss call of this step; its arguments are matched against the last forward pass's outputs.
+
+        With only_on_output, a call that takes no output of that pass is not recorded:
+        the caller could not tell whether it computes the loss.
+        """
         if replaying():
             return
         call_index = len(self.calls) - 1 if self.calls else None
@@ -122,6 +127,8 @@ class StepCapture:
         loss_args = [slot(index, value) for index, value in enumerate(args)]
         loss_kwargs = {key: slot(key, value) for key, value in kwargs.items()}
         matched = any(kind == "output" for kind, _ in [*loss_args, *loss_kwargs.values()])
+        if only_on_output and not matched:
+            return
         self.loss_calls.append(LossCall(fn=fn, name=name, args=loss_args, kwargs=loss_kwargs,
                                         call_index=call_index if matched else None, grad_args=grad_args))
 

@@ -97,8 +97,9 @@ class Localizer:
         forward = _forward_location(replayed, loss_finite)
         backward = self._backward(call, replayed, loss_call)
         if forward is not None:
-            if backward.parameters:
-                forward.parameter = backward.parameters[0]
+            # Every gradient after a forward NaN is NaN; only the located module's own parameters tell more.
+            prefix = f"{forward.module}." if forward.module else ""
+            forward.parameter = next((name for name in backward.parameters if prefix and name.startswith(prefix)), "")
             return forward
         return _backward_location(backward, loss_finite=loss_finite, loss_replayed=replayed.loss is not None)
 
@@ -266,11 +267,13 @@ def _backward_location(result: BackwardResult, *, loss_finite: bool, loss_replay
 _UNTRACED_LOSS = {
     pb.LOCATION_PHASE_LOSS_BACKWARD: (
         "The forward pass and the loss were finite, and the gradient that reached the model output was already "
-        "non-finite: the backward of the loss computation outside the model made it. Pass the loss as an "
-        "nn.Module (loss_fn=) to have its operation named."),
+        "non-finite: the backward of the loss computation outside the model made it. The operation is named "
+        "when the loss is a loss_fn module of the Watcher, or under nanwatch run a module or a torch loss "
+        "function called on the model output."),
     pb.LOCATION_PHASE_LOSS_FORWARD: (
         "The replayed model output was finite but the step's loss was not: the loss computation outside the "
-        "model made NaN/Inf. Pass the loss as an nn.Module (loss_fn=) to have its operation named."),
+        "model made NaN/Inf. The operation is named when the loss is a loss_fn module of the Watcher, or "
+        "under nanwatch run a module or a torch loss function called on the model output."),
 }
 
 

@@ -57,7 +57,7 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
                      help="write the run's status as JSON to this file when the command ends")
     run.add_argument("--quiet", action="store_true", help="do not print the staged report at the end")
     run.add_argument("--max-consecutive-skips", type=int, default=None, metavar="N",
-                     help="skip a step whose loss or gradients are non-finite on every rank, up to N "
+                     help="skip the update of a step whose loss or gradients are non-finite on any rank, up to N "
                           f"steps in a row, then halt (default ${MAX_CONSECUTIVE_SKIPS_ENV} or 0: halt at once)")
     run.add_argument("training_command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
@@ -83,6 +83,11 @@ def run_command(args: argparse.Namespace, out: TextIO = sys.stderr) -> int:
     if args.max_consecutive_skips is not None and args.max_consecutive_skips < 0:
         print(f"nanwatch run: --max-consecutive-skips {args.max_consecutive_skips} is negative; give 0 or more",
               file=out)
+        return EXIT_USAGE
+    skips_env = os.environ.get(MAX_CONSECUTIVE_SKIPS_ENV, "").strip()
+    if args.max_consecutive_skips is None and skips_env and not (skips_env.isdigit()):
+        print(f"nanwatch run: ${MAX_CONSECUTIVE_SKIPS_ENV}={skips_env!r} is invalid; set an integer >= 0 "
+              f"or use --max-consecutive-skips", file=out)
         return EXIT_USAGE
 
     with tempfile.TemporaryDirectory(prefix="nanwatch-run-") as folder:

@@ -44,8 +44,9 @@ _OP_FIXES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("log", "xlogy"), "clamp its argument above 0 (torch.log(x.clamp_min(1e-12))) or compute in log space "
                        "(F.log_softmax, F.logsigmoid, logits-based losses)"),
     (("div", "reciprocal"), "add an eps to the divisor (x / (d + 1e-8)) or mask the rows where it is 0"),
-    (("sqrt", "rsqrt", "pow", "norm"), "add an eps inside (torch.sqrt(x + 1e-12)); the derivative of sqrt and of "
-                                       "pow with exponent < 1 is infinite at 0"),
+    (("sqrt", "rsqrt", "pow", "norm"), "clamp the argument to be positive (torch.sqrt(x.clamp_min(1e-12))): the "
+                                       "derivative of sqrt, and of pow with exponent < 1, is infinite at 0 and NaN "
+                                       "below 0, even in the unselected branch of torch.where"),
     (("exp", "softmax", "sigmoid", "tanh"), "clamp the input of exp, or use a stable form (F.softplus, "
                                             "torch.logsumexp, softmax over a row with at least one unmasked value)"),
     (("where", "masked"), "clamp the values of both torch.where branches: the unselected branch still gets a "
@@ -102,11 +103,12 @@ def _enrich(finding: pb.Finding, location: pb.Location, where: Where) -> None:
     finding.evidence.layer = finding.evidence.layer or location.module
     if finding.code in _GUESSED_CODES and location.op:
         located = located_finding(location, where)
+        finding.code, finding.stage = located.code, located.stage
         finding.message, finding.fix = located.message, located.fix
         finding.severity = pb.SEVERITY_CRITICAL
         finding.evidence.values.update(located.evidence.values)
         return
-    finding.message = f"{finding.message} Replayed on rank {location.rank}: {location.detail}"
+    finding.message = f"{finding.message} Replayed on rank {location.rank}. {location.detail}"
     if location.phase == pb.LOCATION_PHASE_FORWARD:
         finding.severity = pb.SEVERITY_CRITICAL
 
@@ -115,7 +117,7 @@ def located_finding(location: pb.Location, where: Where) -> pb.Finding:
     """Return the finding that a location alone supports, with the stage of its phase."""
     code = code_for(location)
     severity = pb.SEVERITY_WARNING if code == "REPLAY_NOT_REPRODUCED" else pb.SEVERITY_CRITICAL
-    message = f"Replayed on rank {location.rank} at step {location.step}: {location.detail}"
+    message = f"Replayed on rank {location.rank} at step {location.step}. {location.detail}"
     values = {key: value for key, value in (("op", location.op), ("source", location.source),
                                             ("code", location.code), ("produced", location.produced),
                                             ("parameter", location.parameter)) if value}

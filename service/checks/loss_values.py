@@ -68,7 +68,8 @@ def _forward_finding(report: pb.StepReport, where: Where) -> pb.Finding:
 
 _UNCHECKED_TARGETS = (
     " No target tensor was checked at this step, so a NaN/Inf target fed to the loss is as likely: pass "
-    "the targets to check_batch (watcher.check_batch(targets=y)) to tell the two apart."
+    "the targets to check_batch (watcher.check_batch(targets=y)) to tell the two apart; under nanwatch run, "
+    "targets are checked when they go into a torch loss module or torch.nn.functional loss."
 )
 
 
@@ -175,7 +176,10 @@ def _backward_finding(report: pb.StepReport, facts: StepFacts, where: Where, thr
               "nonfinite_grad_count": str(report.nonfinite_grad_count)}
     if names:
         values["nonfinite_parameters"] = format_list(names, thresholds.max_listed)
-    return new_finding("LOSS_BACKWARD_NONFINITE", pb.SEVERITY_CRITICAL, where, message=message, fix=fix,
+    # With several ranks the gradients may come from another rank through the all-reduce; the
+    # rank where they were born replays the step and reports a located, critical finding.
+    severity = pb.SEVERITY_WARNING if facts.world_size > 1 else pb.SEVERITY_CRITICAL
+    return new_finding("LOSS_BACKWARD_NONFINITE", severity, where, message=message, fix=fix,
                        tensor=deepest, layer=layer, values=values)
 
 

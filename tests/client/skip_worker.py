@@ -28,7 +28,7 @@ def main(out_dir: str, endpoint: str, run_id: str, bad_rank: str, bad_steps: str
     net = torch.nn.Linear(4, 1)
     model = torch.nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    watcher = Watcher(model, optimizer, endpoint=endpoint, run_id=run_id, flush_timeout_s=2.0,
+    watcher = Watcher(model, optimizer, endpoint=endpoint, run_id=run_id, flush_timeout_s=10.0,
                       max_consecutive_skips=int(max_skips))
     outcome: dict[str, object] = {"rank": rank, "halt_step": None}
     try:

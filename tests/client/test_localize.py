@@ -17,6 +17,12 @@ from nanwatch.v1 import nanwatch_pb2 as pb
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Seed the weights of every model built in a test: some failures need a finite first step."""
+    torch.manual_seed(0)
+
+
 def _batch(rows: int = 8, width: int = 16, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(rows, width, generator=generator), torch.randint(0, classes, (rows,), generator=generator)
@@ -57,11 +63,17 @@ def test_forward_log_deep_inside_model(dead_endpoint: str) -> None:
     assert location.reproduced
 
 
-def test_forward_log_names_first_bad_gradient(dead_endpoint: str) -> None:
+def test_forward_log_names_no_parameter(dead_endpoint: str) -> None:
     x, y = _batch()
     location = _location(_halt(DeepNet(log_at=2), nn.CrossEntropyLoss(), x, y, dead_endpoint))
-    # Backward reaches the head first: its bias gradient is the first non-finite one.
-    assert location.parameter == "head.bias"
+    # LogFeatures owns no parameter, and every gradient after a forward NaN is NaN.
+    assert location.parameter == ""
+
+
+def test_exploding_layer_names_its_parameter(dead_endpoint: str) -> None:
+    x, y = _batch()
+    location = _location(_halt(exploding_net(), nn.CrossEntropyLoss(), x, y, dead_endpoint))
+    assert location.parameter.startswith("blocks.1.fc.")
 
 
 def test_backward_only_nan(dead_endpoint: str) -> None:

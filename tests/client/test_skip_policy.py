@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -153,6 +154,9 @@ def test_torchrun_ranks_skip_together(tmp_path: pathlib.Path, service: object) -
     assert [outcome["steps"] for outcome in outcomes] == [8, 8]
     assert outcomes[0]["weights"] == outcomes[1]["weights"]
     assert all(math.isfinite(value) for value in outcomes[0]["weights"])
+    deadline = time.monotonic() + 20
+    while _metric(service, "nanwatch_skipped_updates_total", "skip-run") != 4.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
     with grpc.insecure_channel(service.endpoint) as channel:  # type: ignore[attr-defined]
         status = pb_grpc.NanwatchStub(channel).GetRunStatus(pb.GetRunStatusRequest(run_id="skip-run"))
     assert not status.summary.halted

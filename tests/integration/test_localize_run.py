@@ -122,3 +122,42 @@ def test_run_skip_flag_trains_past_bad_step(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert report["halted"] is False
     assert "skipped the non-finite update of step 4" in result.stderr
+
+
+HAND_WRITTEN_LOSS = '''
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+
+
+class HandBCE(nn.Module):
+    def forward(self, logits, targets):
+        probabilities = torch.sigmoid(logits * 1000)
+        return -(targets * torch.log(probabilities) + (1 - targets) * torch.log(1 - probabilities)).mean()
+
+
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+criterion = HandBCE()
+for step in range(5):
+    x, y = torch.randn(32, 8), (torch.rand(32, 1) > 0.5).float()
+    loss = criterion(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+'''
+
+
+def test_run_names_op_in_custom_loss_module(tmp_path: Path) -> None:
+    script = tmp_path / "hand_bce.py"
+    script.write_text(HAND_WRITTEN_LOSS)
+    result, report = _run([sys.executable, str(script)], tmp_path)
+
+    assert result.returncode == DEFAULT_HALT_EXIT_CODE, result.stderr[-3000:]
+    primary = report["primary"]
+    assert primary["code"] == "LOSS_LOG_ZERO"
+    assert primary["location"]["phase"] == "loss_forward"
+    assert primary["location"]["op"] == "torch.log"
+    assert primary["location"]["source_line"] == "hand_bce.py:12"

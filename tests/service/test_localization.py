@@ -110,3 +110,10 @@ def test_located_rank_beats_other_rank_guess() -> None:
     primary = choose_primary([guess, *located], halt_step=7)
     assert primary.evidence.rank == 1
     assert primary.code == "FORWARD_NONFINITE"
+
+
+def test_located_log_renames_guessed_code() -> None:
+    report = _report(phase=pb.LOCATION_PHASE_LOSS_FORWARD, op="torch.log", produced="-inf", source="loss.py:7")
+    findings = apply_location(report, [_finding("LOSS_UNDEFINED")], WHERE)
+    assert [finding.code for finding in findings] == ["LOSS_LOG_ZERO"]
+    assert "loss.py:7" in findings[0].fix
