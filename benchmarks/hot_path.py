@@ -21,9 +21,9 @@ from nanwatch.client.watcher import Watcher
 
 FUSED = "torch._foreach_norm(grads), float32"
 FUSED_FLOAT64 = "torch._foreach_norm(grads, dtype=float64)"
-NANWATCH_NORMS = "nanwatch foreach_norms(grads) (float64, grouped, stacked)"
-PRE_HOOK = "Watcher step pre-hook (measure, one host copy, report)"
-POST_HOOK = "Watcher step post-hook (parameter and update norms)"
+NANWATCH_NORMS = "nanwatch foreach_norms(grads) (float32, grouped, stacked)"
+PRE_HOOK = "Watcher step pre-hook (gradient and parameter norms, one host copy, report)"
+POST_HOOK = "Watcher step post-hook (update norm every 10th step)"
 ALL_SUMMARIES = "all summaries of one step (pre + post hook, loss, check_batch)"
 
 

@@ -1,10 +1,11 @@
-"""Profile the two missed hot spots with py-spy: the Watcher's step summaries and the service under load.
+"""Profile the missed hot spots with py-spy: the Watcher's step summaries, a watched training step, the service.
 
 Writes flame graphs (SVG), collapsed stacks and a top-functions summary under
 benchmarks/profiles/. Needs py-spy on PATH or next to the Python executable
-(pip install py-spy).
+(pip install py-spy). The client profiles attach to the loop after its set-up
+and warm-up, so imports and model building are not in them.
 
-    python -m benchmarks.profile [--seconds 8]
+    python -m benchmarks.profile [--seconds 8] [--only client|service]
 """
 
 from __future__ import annotations
@@ -57,18 +58,69 @@ def summarize(name: str) -> None:
     lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(TOP_FUNCTIONS)]
     lines += ["", "own (innermost frame):"]
     lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(TOP_FUNCTIONS)]
+    client = collections.Counter({frame: n for frame, n in inclusive.items() if "(client/" in frame})
+    lines += ["", "nanwatch client frames, inclusive:"]
+    lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in client.most_common(TOP_FUNCTIONS)]
     (PROFILES / f"{name}-top.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# Each loop runs in a child process. It prints "ready" after its warm-up and runs until its time is up.
+_HOT_PATH_LOOP = """
+import logging, time, torch
+torch.set_num_threads(1)
+logging.getLogger("nanwatch").setLevel(logging.ERROR)
+from benchmarks.models import mlp_workload
+from benchmarks import hot_path
+setup = hot_path.prepare(mlp_workload())
+for _ in range(20):
+    hot_path._all_summaries(setup)
+print("ready", flush=True)
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    hot_path._all_summaries(setup)
+setup.watcher.close()
+"""
+_TRAINING_STEP_LOOP = """
+import logging, time, torch
+torch.set_num_threads(1)
+logging.getLogger("nanwatch").setLevel(logging.ERROR)
+from benchmarks.client_overhead import WATCHER_CHECK_BATCH, build_variant, free_loopback_port, train_step
+from benchmarks.models import mlp_workload
+workload = mlp_workload()
+variant = build_variant(workload, WATCHER_CHECK_BATCH, f"127.0.0.1:{{free_loopback_port()}}", run_id="profile")
+for _ in range(20):
+    train_step(variant, workload)
+print("ready", flush=True)
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    train_step(variant, workload)
+variant.watcher.close()
+"""
+
+
+def profile_loop(name: str, loop: str, seconds: float) -> None:
+    """Record a child process running loop (formatted with its run time) once it prints "ready"."""
+    child = subprocess.Popen([sys.executable, "-c", loop.format(seconds=seconds + 5)], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {name} loop exited before its warm-up ended; run it by hand to see why")
+        record(["--pid", str(child.pid)], name, seconds)
+    finally:
+        child.kill()
+        child.wait()
+    summarize(name)
 
 
 def profile_hot_path(seconds: float) -> None:
     """Profile a process that calls the Watcher's per-step summaries in a loop on the 2M-parameter MLP."""
-    loop = ("import time, torch; torch.set_num_threads(1);"
-            "from benchmarks.models import mlp_workload; from benchmarks import hot_path;"
-            "s = hot_path.prepare(mlp_workload()); end = time.monotonic() + %f\n"
-            "while time.monotonic() < end: hot_path._all_summaries(s)\n"
-            "s.watcher.close()") % (seconds + 5)
-    record(["--", sys.executable, "-c", loop], "client-hot-path", seconds)
-    summarize("client-hot-path")
+    profile_loop("client-hot-path", _HOT_PATH_LOOP, seconds)
+
+
+def profile_training_step(seconds: float) -> None:
+    """Profile training steps of the 2M-parameter MLP with a Watcher and check_batch, and no service."""
+    profile_loop("client-training-step", _TRAINING_STEP_LOOP, seconds)
 
 
 def profile_service(seconds: float, ranks: int) -> None:
@@ -92,10 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="recording time per profile")
     parser.add_argument("--ranks", type=int, default=1024, help="simulated ranks for the service profile")
+    parser.add_argument("--only", choices=("client", "service"), help="record only the client or the service profiles")
     args = parser.parse_args()
     PROFILES.mkdir(exist_ok=True)
-    profile_hot_path(args.seconds)
-    profile_service(args.seconds, args.ranks)
+    if args.only != "service":
+        profile_hot_path(args.seconds)
+        profile_training_step(args.seconds)
+    if args.only != "client":
+        profile_service(args.seconds, args.ranks)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Before/after in one process: the norms and rank comparer of a git revision against the working tree.
+"""Before/after in one process: the step check and rank comparer of a git revision against the working tree.
 
 Usage, from the repository root:
     python -m benchmarks.revision_compare --before REV
 
-The files client/summaries.py, client/step_check.py and service/checks/loss_trends.py
-of REV are loaded as separate modules next to the current ones, and both are timed in
-interleaved rounds, so the comparison shares the machine's load.
+The REVISION_FILES of REV are loaded as separate modules next to the current ones,
+and both are timed in interleaved rounds, so the comparison shares the machine's
+load. The "before" Watcher keeps the current watcher.py, trace.py and sender; its
+step check, step state, batch summaries and host transfer come from REV.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import random
 import subprocess
@@ -23,19 +25,31 @@ from types import ModuleType
 
 import torch
 
-from benchmarks.client_overhead import PLAIN, WATCHER_NO_SERVICE, build_variant, free_loopback_port, train_step
+from benchmarks.client_overhead import (
+    PLAIN, WATCHER_CHECK_BATCH, WATCHER_NO_SERVICE, build_variant, free_loopback_port, train_step,
+)
 from benchmarks.hot_path import _timed, prepare
 from benchmarks.models import mlp_workload, transformer_workload
 from benchmarks.trials import run_interleaved
+from nanwatch.client import step_check as current_step_check
+from nanwatch.client import step_state as current_step_state
+from nanwatch.client import summaries as current_summaries
+from nanwatch.client import transfer as current_transfer
+from nanwatch.client.watcher import Watcher
 from nanwatch.service.checks import loss_trends as current_trends
 from nanwatch.service.thresholds import Thresholds
 from nanwatch.v1 import nanwatch_pb2 as pb
 
-REVISION_FILES = ("client/summaries.py", "client/step_check.py", "service/checks/loss_trends.py")
+REVISION_FILES = ("client/summaries.py", "client/transfer.py", "client/step_state.py", "client/step_check.py",
+                  "service/checks/loss_trends.py")
+# Each loaded client module of REV imports its siblings from the current package; these are
+# rebound to the siblings of REV, so that the old step check runs on the old summaries.
+_CURRENT_CLIENT = {"summaries": current_summaries, "transfer": current_transfer, "step_state": current_step_state,
+                   "step_check": current_step_check}
 
 
 def load_revision(revision: str, folder: Path) -> dict[str, ModuleType]:
-    """Load the REVISION_FILES of a git revision as modules named old_<file stem>."""
+    """Load the REVISION_FILES of a git revision as modules named old_<file stem>, with consistent imports."""
     modules = {}
     for path in REVISION_FILES:
         source = subprocess.run(["git", "show", f"{revision}:{path}"], check=True, capture_output=True,
@@ -49,17 +63,38 @@ def load_revision(revision: str, folder: Path) -> dict[str, ModuleType]:
         sys.modules[name] = module
         spec.loader.exec_module(module)
         modules[target.stem] = module
-    # The old step check must use the old norms.
-    modules["step_check"].foreach_norms = modules["summaries"].foreach_norms
-    modules["step_check"].total_norm = modules["summaries"].total_norm
+        _rebind_siblings(module, modules)
     return modules
+
+
+def _rebind_siblings(module: ModuleType, loaded: dict[str, ModuleType]) -> None:
+    """Point the names that module imported from a current client module at the same names of the loaded one."""
+    for stem, current in _CURRENT_CLIENT.items():
+        old = loaded.get(stem)
+        if old is None or old is module:
+            continue
+        for name, value in vars(module).copy().items():
+            if not name.startswith("__") and getattr(current, name, None) is value and hasattr(old, name):
+                setattr(module, name, getattr(old, name))
+
+
+def use_revision(watcher: Watcher, old: dict[str, ModuleType]) -> None:
+    """Give watcher the step check of the loaded revision, and a check_batch that uses its batch summaries."""
+    watcher._checker = old["step_check"].StepChecker(watcher._checker.context)
+    watcher.check_batch = functools.partial(_old_check_batch, watcher, old["summaries"])  # type: ignore[method-assign]
+
+
+def _old_check_batch(watcher: Watcher, summaries: ModuleType, **tensors: torch.Tensor) -> None:
+    """Watcher.check_batch of the working tree, less the type checks and the batch sender."""
+    for name, tensor in tensors.items():
+        watcher._checker.state.add_batch(summaries.summarize_batch_tensor(name, tensor))
 
 
 def compare_client(old: dict[str, ModuleType]) -> None:
     for workload in (transformer_workload(width=256, layers=4, seq_len=64, batch=8),
                      mlp_workload(parameter_count=2_000_000, batch=64)):
         current, before = prepare(workload), prepare(workload)
-        before.watcher._checker = old["step_check"].StepChecker(before.watcher._checker.context)
+        use_revision(before.watcher, old)
         grads = current.grads
         trials = {
             "fused float32 norm pass": _timed(lambda: torch._foreach_norm(grads), 10),
@@ -77,18 +112,23 @@ def compare_client(old: dict[str, ModuleType]) -> None:
 
 def compare_steps(workload: object, old: dict[str, ModuleType]) -> None:
     endpoint = f"127.0.0.1:{free_loopback_port()}"
-    plain = build_variant(workload, PLAIN, None, run_id="plain")
-    before = build_variant(workload, WATCHER_NO_SERVICE, endpoint, run_id="before")
-    before.watcher._checker = old["step_check"].StepChecker(before.watcher._checker.context)
-    after = build_variant(workload, WATCHER_NO_SERVICE, endpoint, run_id="after")
-    trials = {"plain": _steps(plain, workload), "nanwatch before": _steps(before, workload),
-              "nanwatch after": _steps(after, workload)}
+    variants = {"plain": build_variant(workload, PLAIN, None, run_id="plain")}
+    for label, name in (("nanwatch", WATCHER_NO_SERVICE), ("nanwatch + check_batch", WATCHER_CHECK_BATCH)):
+        for side in ("before", "after"):
+            run_id = f"{label.replace(' + ', '-')}-{side}"
+            variant = build_variant(workload, WATCHER_NO_SERVICE, endpoint, run_id=run_id)
+            variant.check_batch = name == WATCHER_CHECK_BATCH
+            if side == "before":
+                use_revision(variant.watcher, old)
+            variants[f"{label} {side}"] = variant
+    trials = {label: _steps(variant, workload) for label, variant in variants.items()}
     _warm_up(trials)
     results = run_interleaved(trials, rounds=5, baseline="plain")
     print(f"training step {workload.name}:",  # type: ignore[attr-defined]
           {name: (round(r.median_s * 1e3, 2), round(r.median_ratio, 3)) for name, r in results.items()})
-    before.watcher.close()
-    after.watcher.close()
+    for variant in variants.values():
+        if variant.watcher is not None:
+            variant.watcher.close()
 
 
 def compare_service(old: dict[str, ModuleType]) -> None:

@@ -19,6 +19,8 @@ from benchmarks.plot import plot_scaling
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINDINGS = Path(__file__).with_name("findings.md")
+# A hand-written section at the end of the report, which a rerun keeps.
+CHANGES_HEADING = "## Changes and their effect"
 
 
 @dataclass(kw_only=True)
@@ -239,8 +241,18 @@ def run_all(config: Config, output: Path, command: str) -> None:
         parts += [f"![client overhead against model size, service throughput against ranks]({plot_path.relative_to(output.parent.resolve()) if plot_dir != output.parent else plot_path.name})", ""]
     if FINDINGS.exists():
         parts += [FINDINGS.read_text(encoding="utf-8")]
-    output.write_text("\n".join(parts), encoding="utf-8")
+    changes = preserved_changes(output)
+    output.write_text("\n".join(parts + [changes] if changes else parts), encoding="utf-8")
     logger.info("wrote %s in %.0f s", output, time.monotonic() - started)
+
+
+def preserved_changes(output: Path) -> str:
+    """Return the CHANGES_HEADING section of an existing report, from its heading to the end, or ""."""
+    if not output.exists():
+        return ""
+    text = output.read_text(encoding="utf-8")
+    start = text.find(f"\n{CHANGES_HEADING}\n")
+    return text[start + 1 :] if start >= 0 else ""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,3 +48,13 @@ def test_report_names_command(written: str) -> None:
 
 def test_report_names_machine(written: str) -> None:
     assert "- grpcio:" in written
+
+
+def test_rerun_keeps_changes_section(tmp_path: Path) -> None:
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text(f"# old tables\n\n{run.CHANGES_HEADING}\n\n| before | after |\n", encoding="utf-8")
+    assert run.preserved_changes(output) == f"{run.CHANGES_HEADING}\n\n| before | after |\n"
+
+
+def test_first_run_no_changes_section(tmp_path: Path) -> None:
+    assert run.preserved_changes(tmp_path / "BENCHMARKS.md") == ""

@@ -1,14 +1,24 @@
-"""Tests of the first-forward activation statistics, the output flag, update norms and the observers."""
+"""Tests of the step measurements: activations, output flag, update norms, observers, batch summaries, host syncs."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
+from benchmarks.host_syncs import count_host_syncs
 from nanwatch.client import observers
+from nanwatch.client.agreement import Agreement
+from nanwatch.client.facts import collect_parameters
+from nanwatch.client.step_check import StepChecker, StepContext, StepOutcome
+from nanwatch.client.step_state import MAX_BATCH_ENTRIES
+from nanwatch.client.summaries import (
+    UpdateSnapshot, build_tensor_summary, measure_batch_tensor, measure_tensor, summarize_batch_tensor,
+)
 from nanwatch.client.trace import ForwardTrace, measure_activation
+from nanwatch.client.transfer import fetch_to_host
 
 
 def _model() -> nn.Module:
@@ -135,3 +145,185 @@ def test_step_reports_carry_measurements() -> None:
     assert second.update_norm > 0.0
     assert len(second.activations) == 0
     trace.remove()
+
+
+# ---- batch summaries, the step code and the host transfer ----
+
+
+class _Exchanging(Agreement):
+    """An Agreement that takes the collective path (device code, exchange) without a process group."""
+
+    @property
+    def is_collective(self) -> bool:
+        return True
+
+    def exchange(self, local_code: torch.Tensor) -> torch.Tensor:
+        return local_code.reshape(1).to(torch.int64)
+
+
+def _step_checker(model: nn.Module, agreement: Agreement | None = None) -> tuple[StepChecker, torch.optim.Optimizer]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    context = StepContext(run_id="r", rank=0, parameters=collect_parameters(model, optimizer), optimizer=optimizer,
+                          grad_scaler=None, agreement=agreement or Agreement(), trace=None)
+    return StepChecker(context), optimizer
+
+
+def _checked_step(checker: StepChecker, model: nn.Module, step: int = 0, **batch: torch.Tensor) -> StepOutcome:
+    """Record batch and a loss, run backward and return the step check's outcome (no update)."""
+    for name, tensor in batch.items():
+        checker.state.add_batch(summarize_batch_tensor(name, tensor))
+    loss = model(torch.ones(2, 4)).square().mean()
+    checker.state.add_loss(loss)
+    model.zero_grad()
+    loss.backward()
+    return checker.check(step, None)
+
+
+def test_batch_summary_matches_full_measure() -> None:
+    tensor = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)) * 3 + 7
+    summary = build_tensor_summary(summarize_batch_tensor("x", tensor), measure_batch_tensor(tensor).tolist())
+    _, _, _, minimum, maximum, mean, std = measure_tensor(tensor).tolist()
+    assert (summary.nan_count, summary.inf_count) == (0, 0)
+    assert (summary.min, summary.max) == (minimum, maximum)
+    assert summary.mean == pytest.approx(mean, rel=1e-6)
+    assert summary.std == pytest.approx(std, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool])
+def test_batch_summary_dtypes(dtype: torch.dtype) -> None:
+    tensor = torch.tensor([[0, 1], [1, 1]]).to(dtype)
+    summary = build_tensor_summary(summarize_batch_tensor("x", tensor), measure_batch_tensor(tensor).tolist())
+    assert (summary.min, summary.max, summary.mean) == (0.0, 1.0, 0.75)
+    assert summary.std == pytest.approx(0.5)
+
+
+def test_batch_summary_one_element_std_zero() -> None:
+    summary = build_tensor_summary(summarize_batch_tensor("x", torch.tensor([2.5])), [2.5, 2.5, 2.5, 0.0])
+    assert summary.std == 0.0
+
+
+def test_batch_nan_counted_in_report() -> None:
+    checker, _ = _step_checker(_model())
+    inputs = torch.ones(6, 3)
+    inputs[1, 0], inputs[4, 2], inputs[4, 1] = math.nan, math.inf, -math.inf
+    outcome = _checked_step(checker, _model(), inputs=inputs, targets=torch.arange(6))
+    bad, labels = outcome.report.batch
+    assert (bad.nan_count, bad.inf_count) == (1, 2)
+    assert list(bad.nonfinite_sample_indices) == [1, 4]
+    assert (bad.min, bad.max, bad.mean) == (1.0, 1.0, 1.0)
+    assert (labels.nan_count, labels.inf_count, labels.max) == (0, 0, 5.0)
+    assert outcome.halt is not None
+    assert "has 1 NaN and 2 Inf values in samples [1, 4]" in outcome.halt.reason
+
+
+def test_batch_written_in_place_lower_bounds() -> None:
+    checker, _ = _step_checker(_model())
+    inputs = torch.ones(4, 3)
+    inputs[2, 2] = math.nan
+    checker.state.add_batch(summarize_batch_tensor("inputs", inputs))
+    inputs.nan_to_num_()
+    outcome = _checked_step(checker, _model())
+    assert outcome.report.batch[0].nan_count == 1
+    assert outcome.halt is not None
+
+
+def test_batch_written_through_data_lower_bounds() -> None:
+    checker, _ = _step_checker(_model())
+    inputs = torch.ones(4, 3)
+    inputs[2, 2] = math.inf
+    checker.state.add_batch(summarize_batch_tensor("inputs", inputs))
+    inputs.data[2, 2] = 0.0
+    outcome = _checked_step(checker, _model())
+    assert (outcome.report.batch[0].nan_count, outcome.report.batch[0].inf_count) == (0, 1)
+    assert outcome.halt is not None
+
+
+def test_batch_empty_no_halt() -> None:
+    checker, _ = _step_checker(_model())
+    outcome = _checked_step(checker, _model(), inputs=torch.zeros(0, 3))
+    assert outcome.halt is None
+    assert math.isnan(outcome.report.batch[0].mean)
+
+
+def test_batch_dropped_entry_still_halts() -> None:
+    checker, _ = _step_checker(_model())
+    checker.state.add_batch(summarize_batch_tensor("first", torch.tensor([math.nan])))
+    for index in range(MAX_BATCH_ENTRIES):
+        checker.state.add_batch(summarize_batch_tensor(f"later{index}", torch.ones(2)))
+    outcome = _checked_step(checker, _model())
+    assert len(outcome.report.batch) == MAX_BATCH_ENTRIES
+    assert outcome.halt is not None
+    assert "non-finite batch data" in outcome.halt.reason
+
+
+@pytest.mark.parametrize("agreement", [Agreement(), _Exchanging()], ids=["host", "device"])
+@pytest.mark.parametrize(("case", "reason"), [
+    ("healthy", None), ("data", "non-finite batch data"), ("loss", "non-finite loss"),
+    ("gradient", "non-finite gradient"), ("parameter", "non-finite parameters"),
+])
+def test_step_code_paths(agreement: Agreement, case: str, reason: str | None) -> None:
+    model = _model()
+    checker, _ = _step_checker(model, agreement)
+    inputs = torch.tensor([[math.nan, 1.0]]) if case == "data" else torch.ones(1, 2)
+    checker.state.add_batch(summarize_batch_tensor("inputs", inputs))
+    loss = model(torch.ones(2, 4)).square().mean()
+    checker.state.add_loss(loss * math.inf if case == "loss" else loss)
+    loss.backward()
+    with torch.no_grad():
+        if case == "gradient":
+            model[0].weight.grad[0, 0] = math.nan
+        if case == "parameter":
+            model[2].bias[0] = math.inf
+    outcome = checker.check(0, None)
+    if reason is None:
+        assert outcome.halt is None
+    else:
+        assert outcome.halt is not None
+        assert reason in outcome.halt.reason
+
+
+def test_loss_nan_then_finite_halts() -> None:
+    model = _model()
+    checker, _ = _step_checker(model)
+    checker.state.add_loss(torch.tensor(math.nan))
+    outcome = _checked_step(checker, model)
+    assert outcome.halt is not None
+    assert "non-finite loss" in outcome.halt.reason
+
+
+def test_loss_large_float64_finite() -> None:
+    model = _model()
+    checker, _ = _step_checker(model)
+    checker.state.add_loss(torch.tensor(1e300, dtype=torch.float64))
+    outcome = checker.check(0, None)
+    assert outcome.halt is None
+    assert outcome.report.loss == 1e300
+
+
+def test_update_snapshot_norm() -> None:
+    tensors = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.randn(2, 2).half(), torch.randn(())]
+    snapshot = UpdateSnapshot(tensors)
+    moved = [tensor + 0.5 for tensor in tensors]
+    expected = math.sqrt(sum(0.25 * tensor.numel() for tensor in tensors))
+    assert snapshot.update_norm(moved).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_fetch_keeps_int64_exact() -> None:
+    assert fetch_to_host([torch.tensor([1.5]), torch.tensor([2**53 - 1])]) == [[1.5], [float(2**53 - 1)]]
+
+
+def test_fetch_bool_only_numbers() -> None:
+    assert fetch_to_host([torch.tensor(True)]) == [[1.0]]
+
+
+def test_step_one_host_sync() -> None:
+    model = _model()
+    checker, optimizer = _step_checker(model)
+    counts = []
+    for step in range(12):
+        with count_host_syncs() as counted:
+            _checked_step(checker, model, step, inputs=torch.randn(4, 3), targets=torch.arange(4))
+            optimizer.step()
+            checker.after_update()
+        counts.append(sum(counted.values()))
+    assert max(counts) == 1
