@@ -134,7 +134,10 @@ def render(workload: Workload, results: dict[str, VariantResult], capture_s: flo
                  f"{added_on / plain:+.2%} of a plain step |")
     lines.append(f"| capture hooks of one forward pass, timed alone | {capture_s * 1e6:.1f} us | "
                  f"{capture_s / plain:.3%} of a plain step |")
-    lines.append(f"| detect_anomaly's added time / the capture's | - | {anomaly_added / capture_s:,.0f}x |")
+    watched_added = results[LOCALIZE_ON].median_added_s
+    ratio = f"{anomaly_added / watched_added:.1f}x" if watched_added > 0 else "nanwatch added no measurable time"
+    lines.append(f"| detect_anomaly's added time / nanwatch's (localize=True), both against the plain step | - | "
+                 f"{ratio} |")
     lines.append(f"| one localization of a failing step (replay) | {replay_s * 1e3:.1f} ms | "
                  f"{replay_s / plain:.1f} plain steps |")
     return "\n".join(lines)
