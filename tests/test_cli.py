@@ -67,6 +67,14 @@ def test_serve_rejects_bad_port(tmp_path: Path) -> None:
     assert "grpc_port=70000" in result.stderr
 
 
+def test_serve_error_names_flag_and_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "NANWATCH_MAX_PENDING_REQUESTS": "-4"}
+    result = subprocess.run([*NANWATCH, "serve", "--grpc-port", "0", "--metrics-port", "0",
+                             "--db", str(tmp_path / "x.db")], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "--max-pending-requests or $NANWATCH_MAX_PENDING_REQUESTS" in result.stderr
+
+
 def test_status_json_fields(service: object, stub: pb_grpc.NanwatchStub, capsys) -> None:
     stub.RegisterRank(registration("cli-1", lr=50.0), timeout=DEADLINE_S)
     stream = WatchStream(stub, "cli-1", 0)

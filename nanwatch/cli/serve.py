@@ -60,7 +60,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config.load_thresholds()
         config.server_credentials()  # reads the TLS files now, so a bad path fails before binding
     except ValueError as error:
-        logger.error("invalid setting: %s", error)
+        logger.error("invalid setting: %s%s", error, setting_hint(str(error)))
         return 2
     try:
         serve(config)
@@ -68,6 +68,25 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("cannot start the service: %s", error)
         return 2
     return 0
+
+
+# ServiceConfig fields whose validation errors name the field, and where a user sets them.
+_SETTING_SOURCES = {
+    "max_live_runs": f"--max-live-runs or ${MAX_LIVE_RUNS_ENV}",
+    "live_run_ttl_s": f"--live-run-ttl-seconds or ${LIVE_RUN_TTL_ENV}",
+    "max_pending_requests": f"--max-pending-requests or ${MAX_PENDING_REQUESTS_ENV}",
+    "max_runs_in_metrics": "--max-runs-in-metrics",
+    "metrics_run_ttl_s": "--metrics-run-ttl-seconds",
+    "grace_s": "--grace-seconds",
+}
+
+
+def setting_hint(message: str) -> str:
+    """Return " (set by --flag or $VARIABLE)" for the first ServiceConfig field that message names, else ""."""
+    for field_name, source in _SETTING_SOURCES.items():
+        if message.startswith(f"{field_name}=") or f" {field_name}=" in message:
+            return f" (set by {source})"
+    return ""
 
 
 def memory_limits(args: argparse.Namespace) -> dict[str, int | float]:
