@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from nanwatch.service.server import DEFAULT_MAX_PENDING_REQUESTS
+
 SERVICE = "nanwatch.bench.Echo"
 ECHO_METHOD = f"/{SERVICE}/Echo"
 SINK_METHOD = f"/{SERVICE}/Sink"
@@ -41,9 +43,19 @@ def build_handler(counter: MessageCounter) -> grpc.GenericRpcHandler:
     })
 
 
+def server_options(max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS) -> list[tuple[str, int]]:
+    """Return the gRPC core limits on calls not yet accepted, set as the nanwatch service sets them.
+
+    With gRPC's defaults, core rejects a random share of new calls once more than 1,000 wait
+    for the event loop, so a burst of streams would fail here and not on the service.
+    """
+    return [("grpc.server.max_pending_requests", max_pending_requests),
+            ("grpc.server.max_pending_requests_hard_limit", max_pending_requests)]
+
+
 async def start_echo_server(counter: MessageCounter) -> tuple[grpc.aio.Server, int]:
     """Start the bare server on a free port of 127.0.0.1; return it and the port."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())
     server.add_generic_rpc_handlers((build_handler(counter),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

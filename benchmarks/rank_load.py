@@ -1,7 +1,8 @@
 """Load generator: N simulated ranks, each a Watch stream (or a bare stream) on grpc.aio, in this process.
 
 Modes:
-  stream  every rank writes step reports as fast as flow control lets it; prints JSON
+  stream  every rank writes step reports as fast as flow control lets it, or --rate-per-rank
+          reports per second each; prints JSON
           lines {"event": "ready"}, {"event": "measure-start"}, {"event": "measure-end", "sent": n}
           so that the parent samples the server's CPU and memory between them. A stream that
           fails, while opening or later, ends the output with {"event": "failed", "opened": n,
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import json
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -35,6 +37,8 @@ WATCH_METHOD = "/nanwatch.v1.Nanwatch/Watch"
 REGISTER_CONCURRENCY = 64
 HALT_WAIT_S = 10.0
 CONNECTED_WAIT_S = 30.0
+# Added to CONNECTED_WAIT_S per rank: the service accepts a burst of 16,384 streams in tens of seconds.
+CONNECTED_WAIT_PER_RANK_S = 0.005
 PUMP_STOP_WAIT_S = 10.0
 # Parameter tensors of the simulated model (a 4-layer transformer has about this many).
 SIMULATED_PARAMETERS = 36
@@ -161,16 +165,29 @@ async def drain(call: grpc.aio.StreamStreamCall) -> None:
         return
 
 
-async def pump(call: grpc.aio.StreamStreamCall, payloads: ReportBytes, stop: asyncio.Event, sent: list[int]) -> str:
-    """Write reports with rising steps on one stream until stop is set; return "" or the code that ended it."""
-    step = 1
+async def pump(call: grpc.aio.StreamStreamCall, payloads: ReportBytes, stop: asyncio.Event, sent: list[int],
+               interval_s: float = 0.0, first_step: int = 1) -> str:
+    """Write reports with rising steps on one stream until stop is set; return "" or the code that ended it.
+
+    With interval_s > 0 the stream writes one report per interval, starting at a random
+    point of the first one so that the ranks' writes spread over time. A write that flow
+    control held back is followed by the next one at once, so the schedule catches up.
+    """
+    step = first_step
+    loop = asyncio.get_running_loop()
+    next_write = loop.time() + random.uniform(0.0, interval_s)
     try:
         while not stop.is_set():
+            if interval_s > 0.0:
+                await asyncio.sleep(max(0.0, next_write - loop.time()))
+                next_write += interval_s
             await call.write(payloads.at_step(step))
             step += 1
             sent[0] += 1
     except grpc.aio.AioRpcError as error:
         return error.code().name
+    except asyncio.InvalidStateError:
+        return "FINISHED"  # grpc.aio raises this on a write after the server ended the call
     return ""
 
 
@@ -204,7 +221,8 @@ async def run_stream(args: argparse.Namespace) -> None:
 
     stop, sent = asyncio.Event(), [0]
     payloads = ReportBytes(report_template())
-    pumps = [asyncio.create_task(pump(call, payloads, stop, sent)) for call in calls]
+    interval_s = 1.0 / args.rate_per_rank if args.rate_per_rank > 0 else 0.0
+    pumps = [asyncio.create_task(pump(call, payloads, stop, sent, interval_s, args.first_step)) for call in calls]
     await asyncio.sleep(args.warmup_s)
     emit(event="measure-start", sent=sent[0])
     await asyncio.sleep(args.measure_s)
@@ -238,13 +256,15 @@ async def wait_connected(channel: grpc.aio.Channel, run_id: str, ranks: range) -
     Returns how many of them the service lists as connected.
     """
     stub = pb_grpc.NanwatchStub(channel)
-    deadline = time.perf_counter() + CONNECTED_WAIT_S
+    deadline = time.perf_counter() + CONNECTED_WAIT_S + CONNECTED_WAIT_PER_RANK_S * len(ranks)
+    # A status lists every rank, so polls of a large run are spaced out to leave the service time.
+    poll_s = 0.005 + 1e-5 * len(ranks)
     while True:
-        status = await stub.GetRunStatus(pb.GetRunStatusRequest(run_id=run_id), timeout=10)
+        status = await stub.GetRunStatus(pb.GetRunStatusRequest(run_id=run_id), timeout=60)
         connected = sum(1 for info in status.ranks if info.connected and info.rank in ranks)
         if connected == len(ranks) or time.perf_counter() > deadline:
             return connected
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(poll_s)
 
 
 async def first_halt(call: grpc.aio.StreamStreamCall) -> float:
@@ -299,6 +319,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ranks-per-channel", type=int, default=64, help="streams sharing one TCP connection")
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--measure-s", type=float, default=3.0)
+    parser.add_argument("--rate-per-rank", type=float, default=0.0,
+                        help="reports per second per rank in mode stream; 0 writes as fast as flow control allows")
+    parser.add_argument("--first-step", type=int, default=1,
+                        help="step of each rank's first report in mode stream (the service persists at every 50th)")
     parser.add_argument("--trials", type=int, default=10, help="halt trials (mode halt)")
     return parser.parse_args()
 

@@ -1,11 +1,17 @@
 """A server in its own process for the throughput benchmark: nanwatch or the bare echo server.
 
 It prints {"port": N} on stdout, then replies to each "usage" line on stdin with one
-JSON line of its CPU seconds, resident memory and received message count, and
-stops on "quit" or at the end of stdin. Its own CPU time comes from
-resource.getrusage, so the load generator's work is not counted.
+JSON line of its CPU seconds (in all and per thread), resident memory and received
+message count, and stops on "quit" or at the end of stdin. Its own CPU time comes
+from resource.getrusage, so the load generator's work is not counted. Under load the
+busiest thread is the event loop that runs the Python handlers, so its CPU share
+shows how close one process is to its limit while gRPC core's threads use other cores.
 
     python -m benchmarks.service_process --kind nanwatch --db /tmp/x/nanwatch.db
+
+With --source DIR, the nanwatch package is imported from DIR (a tree that
+benchmarks.service_throughput.export_revision laid out from a git revision), so
+an older service runs under the same benchmark.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import threading
 from collections.abc import Callable
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def resident_bytes() -> int:
@@ -28,10 +35,25 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * PAGE_BYTES
 
 
-def usage(messages: Callable[[], float]) -> dict[str, float]:
-    """Return CPU seconds (user + system), resident bytes and received messages of this process."""
+def thread_cpu_seconds() -> dict[str, float]:
+    """Return the CPU seconds (user + system) of each thread of this process by thread id (Linux /proc)."""
+    seconds = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat", encoding="ascii") as stat:
+                # Fields after the parenthesized name; utime and stime are fields 14 and 15 of the line.
+                fields = stat.read().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        seconds[task] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return seconds
+
+
+def usage(messages: Callable[[], float]) -> dict[str, object]:
+    """Return CPU seconds (user + system, in all and per thread), resident bytes and received messages."""
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": own.ru_utime + own.ru_stime, "rss_bytes": resident_bytes(), "messages": messages()}
+    return {"cpu_s": own.ru_utime + own.ru_stime, "thread_cpu_s": thread_cpu_seconds(),
+            "rss_bytes": resident_bytes(), "messages": messages()}
 
 
 def start_nanwatch(db_path: str) -> tuple[int, Callable[[], float], Callable[[], None]]:
@@ -67,7 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("nanwatch", "echo"), required=True, help="which server to run")
     parser.add_argument("--db", default=":memory:", help="SQLite store of the nanwatch service")
+    parser.add_argument("--source", default="", help="folder to import the nanwatch package from (default: installed)")
     args = parser.parse_args()
+    if args.source:
+        # Nothing of nanwatch is imported yet, so the package and all its modules come from there.
+        sys.path.insert(0, args.source)
     port, messages, stop = start_nanwatch(args.db) if args.kind == "nanwatch" else start_echo()
     print(json.dumps({"port": port}), flush=True)
     for line in sys.stdin:

@@ -74,26 +74,25 @@ class CheckEngine:
     def check_report(self, run_id: str, rank: int, report: pb.StepReport) -> list[pb.Finding]:
         """Run every stage on one step report; see the module docstring for what each stage uses."""
         where = Where(run_id=run_id, rank=rank, step=report.step)
-        static_where = Where(run_id=run_id, rank=rank)
+        # Every access of report.batch builds a new container, so the checks share one list.
+        batch = list(report.batch)
         with self._lock:
-            run = self._runs.setdefault(run_id, RunState())
+            run = self._run_state(run_id)
             state = self._rank_state(run, rank)
             if report.loss_function and not state.loss_function:
                 state.loss_function = report.loss_function
-            static = self._check_trace(run, state, report.forward_trace, static_where)
-            static += self._check_first_forward(run, state, report, static_where)
-            findings = self._keep_new_static(run, static)
-            findings += self._check_summaries(run, state, report, where)
-            if run.scale_comparer is not None and report.batch:
+            findings = self._check_static_parts(run, state, report, where)
+            findings += self._check_summaries(run, state, batch, where)
+            if run.scale_comparer is not None and batch:
                 run.evaluated.add("DATA_RANK_SCALE")
-                findings += run.scale_comparer.observe(rank, report, where)
+                findings += run.scale_comparer.observe(rank, report.step, batch, where)
             findings += self._check_gradients(run, state, report, where)
             findings += self._check_parameters_after_update(run, state, report, where)
-            findings += self._check_step_values(run, state, report, where)
+            findings += self._check_step_values(run, state, report, batch, where)
             findings += self._check_updates(run, state, report, where)
             findings += self._check_scheduled_lr(run, state, report, where)
             findings += self._check_loss(run, state, report, where)
-            findings += self._check_incident(run, state, report, where)
+            findings += self._check_incident(run, state, report, batch, where)
             if report.HasField("location"):
                 run.evaluated.add("REPLAY_NOT_REPRODUCED")
                 findings = localization.apply_location(report, findings, where)
@@ -128,12 +127,37 @@ class CheckEngine:
         with self._lock:
             self._runs.pop(run_id, None)
 
+    def _run_state(self, run_id: str) -> RunState:
+        run = self._runs.get(run_id)
+        if run is None:
+            run = self._runs[run_id] = RunState()
+        return run
+
     def _rank_state(self, run: RunState, rank: int) -> RankState:
-        if rank not in run.ranks:
-            run.ranks[rank] = RankState.create(self._thresholds)
-        return run.ranks[rank]
+        state = run.ranks.get(rank)
+        if state is None:
+            state = run.ranks[rank] = RankState.create(self._thresholds)
+        return state
 
     # ---- static stages ----
+
+    def _check_static_parts(self, run: RunState, rank: RankState, report: pb.StepReport,
+                            where: Where) -> list[pb.Finding]:
+        """Run the static checks that a report can carry (the trace, the first forward pass) while one is due.
+
+        Both checks return nothing and change nothing when they are not due, so most reports skip them.
+        """
+        trace = report.forward_trace
+        is_trace_due = bool(trace) or (bool(rank.trace) and not rank.is_trace_checked)
+        is_first_forward_due = not rank.is_first_forward_checked and bool(
+            trace or report.activations or report.output_shape)
+        if not (is_trace_due or is_first_forward_due):
+            return []
+        # Static findings belong to no step.
+        static_where = Where(run_id=where.run_id, rank=where.rank)
+        static = self._check_trace(run, rank, trace, static_where)
+        static += self._check_first_forward(run, rank, report, static_where)
+        return self._keep_new_static(run, static)
 
     def _check_initialization(
         self, run: RunState, parameters: Sequence[pb.ParameterInfo], where: Where
@@ -190,7 +214,7 @@ class CheckEngine:
                             where: Where) -> list[pb.Finding]:
         """Return LR_TOO_HIGH once when a schedule raised the lr far above the usual range after registration."""
         registered = rank.optimizer
-        if registered is None or not hyperparameters.is_lr_checked(registered) or report.lr <= registered.lr:
+        if registered is None or report.lr <= registered.lr or not hyperparameters.is_lr_checked(registered):
             return []
         run.evaluated.add("LR_TOO_HIGH")
         current = pb.OptimizerInfo(type=registered.type, lr=report.lr)
@@ -233,16 +257,19 @@ class CheckEngine:
 
     # ---- dynamic stages ----
 
-    def _check_summaries(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
-        if not report.batch:
+    def _check_summaries(self, run: RunState, rank: RankState, batch: Sequence[pb.TensorSummary],
+                         where: Where) -> list[pb.Finding]:
+        if not batch:
             return []
         run.evaluated.update(("DATA_NONFINITE", "DATA_NOT_NORMALIZED"))
-        findings = data.check_batch_summaries(report.batch, where, self._thresholds)
+        findings = data.check_batch_summaries(batch, where, self._thresholds)
         context = data_values.DataContext(num_classes=rank.num_classes, loss_function=rank.loss_function,
                                           trains_in_float16=bool(rank.float16_source))
         if rank.num_classes:
             run.evaluated.add("DATA_TARGET_RANGE")
-        ranged = data_values.check_value_ranges(report.batch, context, where, self._thresholds)
+        ranged = data_values.check_value_ranges(batch, context, where, self._thresholds)
+        if not ranged:
+            return findings
         # Range warnings repeat on every batch of the same source, so each comes once per tensor name.
         findings += [f for f in ranged if f.severity == pb.SEVERITY_CRITICAL]
         findings += self._keep_new_static(run, [f for f in ranged if f.severity != pb.SEVERITY_CRITICAL])
@@ -314,16 +341,18 @@ class CheckEngine:
         return [gradients.nonfinite_parameters_finding(report, where)]
 
     def _check_step_values(
-        self, run: RunState, rank: RankState, report: pb.StepReport, where: Where
+        self, run: RunState, rank: RankState, report: pb.StepReport, batch: Sequence[pb.TensorSummary], where: Where
     ) -> list[pb.Finding]:
         if not report.output_checked:
             return []
         run.evaluated.update(_STEP_VALUE_CODES)
         if rank.spike_streak > 0 or "GRAD_GROWTH" in rank.reported:
             return []  # a gradient that was already exploding explains the non-finite step better
-        targets_checked = any(data_values.is_target_name(summary.name) for summary in report.batch)
+        if not (monitoring.has_nonfinite_loss(report) or gradients.has_nonfinite_gradient(report)):
+            return []  # check_step_values locates only a non-finite loss or gradient
+        targets_checked = any(data_values.is_target_name(summary.name) for summary in batch)
         leaf = loss.last_leaf(rank.trace)
-        facts = loss_values.StepFacts(batch_finite=_is_batch_finite(report), loss_function=rank.loss_function,
+        facts = loss_values.StepFacts(batch_finite=_is_batch_finite(batch), loss_function=rank.loss_function,
                                       layer_order=rank.layer_order, clipping_enabled=rank.is_clipping,
                                       targets_checked=targets_checked, output_module=leaf.type if leaf else "",
                                       world_size=run.comparer.world_size if run.comparer is not None else 1)
@@ -352,16 +381,17 @@ class CheckEngine:
             findings += run.comparer.add(where.run_id, where.rank, report, self._thresholds)
         return findings
 
-    def _check_incident(self, run: RunState, rank: RankState, report: pb.StepReport, where: Where) -> list[pb.Finding]:
+    def _check_incident(self, run: RunState, rank: RankState, report: pb.StepReport,
+                        batch: Sequence[pb.TensorSummary], where: Where) -> list[pb.Finding]:
         """Add the context of a non-finite step: constant batch tensors, the order of non-finite values, advice."""
         if not report.output_checked:
             return []  # a client that predates the output check sends too little to order the values
-        order = loss_trends.nonfinite_order(report, not _is_batch_finite(report))
+        order = loss_trends.nonfinite_order(report, not _is_batch_finite(batch))
         gradient_bad = gradients.has_nonfinite_gradient(report) and report.loss_scale <= 0.0
         if not order or (order == ["gradients"] and not gradient_bad):
             return []  # nothing non-finite, or a GradScaler skip
         findings = [data_values.constant_finding(summary, where)
-                    for summary in data_values.constant_tensors(report.batch)]
+                    for summary in data_values.constant_tensors(batch)]
         if not run.is_order_reported:
             run.is_order_reported = True
             findings.append(loss_trends.order_finding(order, where))
@@ -382,9 +412,16 @@ def _soften_skipped(findings: list[pb.Finding], report: pb.StepReport) -> None:
                                 f"({report.consecutive_skips} in a row so far).")
 
 
-def _is_batch_finite(report: pb.StepReport) -> bool:
-    return all(summary.nan_count == 0 and summary.inf_count == 0 for summary in report.batch)
+def _is_batch_finite(batch: Sequence[pb.TensorSummary]) -> bool:
+    return all(summary.nan_count == 0 and summary.inf_count == 0 for summary in batch)
 
 
 def _by_stage(findings: list[pb.Finding]) -> list[pb.Finding]:
-    return sorted(findings, key=lambda finding: finding.stage)
+    """Return findings sorted by stage; a list of fewer than two comes back as it is."""
+    if len(findings) < 2:
+        return findings
+    return sorted(findings, key=_stage_of)
+
+
+def _stage_of(finding: pb.Finding) -> int:
+    return finding.stage

@@ -50,14 +50,26 @@ class LiveRun:
     """Ranks with an open Watch stream."""
     last_activity_s: float = 0.0
     """LiveRuns clock time of the last registration, stream change or report."""
+    highest_step: int = -1
+    """Maximum last_step over the ranks, kept up to date by LiveRuns.record_report and restart_rank."""
+    persisted_progress: tuple[int, frozenset[str]] | None = None
+    """The last step and evaluated codes last written to the store for this run, or None."""
 
     def rank(self, rank: int) -> LiveRank:
-        if rank not in self.ranks:
-            self.ranks[rank] = LiveRank(rank=rank)
-        return self.ranks[rank]
+        state = self.ranks.get(rank)
+        if state is None:
+            state = self.ranks[rank] = LiveRank(rank=rank)
+        return state
 
     def max_step(self) -> int:
-        return max((state.last_step for state in self.ranks.values()), default=-1)
+        return self.highest_step
+
+    def restart_rank(self, rank: int) -> None:
+        """Reset the progress of a rank whose process started over (a new client id)."""
+        state = self.rank(rank)
+        state.last_step = -1
+        state.dropped_reports = 0
+        self.highest_step = max((other.last_step for other in self.ranks.values()), default=-1)
 
 
 class LiveRunsFull(Exception):
@@ -188,7 +200,11 @@ class LiveRuns:
         if run is None:
             return
         state = run.rank(rank)
-        state.last_step = max(state.last_step, report.step)
+        step = report.step
+        if step > state.last_step:
+            state.last_step = step
+            if step > run.highest_step:
+                run.highest_step = step
         state.last_loss = report.loss
         state.last_grad_norm = report.grad_norm
         state.last_report_unix_s = time.time()

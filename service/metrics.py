@@ -4,6 +4,10 @@ Per-rank series multiply by the world size, so the ``rank`` label is optional
 (``rank_label=False`` keeps one series per run, fed by rank 0). Series labelled
 with a run id exist for at most ``max_runs`` runs at a time, and a finished run's
 series are removed ``run_ttl_s`` seconds after its last rank disconnected.
+
+Step reports arrive thousands of times a second, so a report only stores its values
+in a plain Python object per rank, and each per-rank gauge reads its value from
+there when the registry is collected (Gauge.set_function).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -75,6 +80,10 @@ class RunSeriesBudget:
         """Record that run_id has a connected rank, or that its last rank disconnected."""
         if run_id in self._finished_since:
             self._set_finished(run_id, None if connected else self._clock())
+
+    def is_expiry_due(self) -> bool:
+        """Return whether a tracked run may have expired, so that pop_expired has work to do."""
+        return self._clock() >= self._next_expiry
 
     def pop_expired(self) -> list[str]:
         """Remove and return the runs finished for longer than ttl_s."""
@@ -186,6 +195,8 @@ class ServiceMetrics:
             "Observations of a run left out of the metrics because max_runs connected runs already have series.",
             registry=reg,
         )
+        # The latest values of each rank with series, by run id and rank; the gauges read them.
+        self._rank_series: dict[str, dict[int, _RankSeries]] = {}
         step_names = tuple(step_labels)
         self._run_families: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
             (self.loss, step_names), (self.grad_norm, step_names), (self.step, step_names),
@@ -216,6 +227,8 @@ class ServiceMetrics:
 
     def _admit(self, run_id: str) -> bool:
         """Return whether run_id may write series, evicting the earliest finished run at the cap."""
+        if run_id in self.budget and not self.budget.is_expiry_due():
+            return True  # nothing to expire or evict, and runs_in_metrics already counts the run
         self.expire_finished_runs()
         admitted, evicted = self.budget.admit(run_id)
         for old in evicted:
@@ -228,6 +241,7 @@ class ServiceMetrics:
 
     def _remove_run(self, run_id: str, reason: str) -> None:
         """Remove every series labelled with run_id from the run-labelled families."""
+        self._rank_series.pop(run_id, None)
         for family, names in self._run_families:
             for labels in _label_values(family, names, run_id):
                 family.remove(*labels)
@@ -253,12 +267,28 @@ class ServiceMetrics:
             self.skipped_updates.labels(run_id).inc()
         if not self.rank_label and rank != 0:
             return
-        labels = (run_id, str(rank)) if self.rank_label else (run_id,)
-        self.loss.labels(*labels).set(report.loss)
-        self.grad_norm.labels(*labels).set(report.grad_norm)
-        self.step.labels(*labels).set(report.step)
-        if report.loss_scale > 0:  # 0 means the rank uses no GradScaler
-            self.loss_scale.labels(*labels).set(report.loss_scale)
+        series = self._series_of(run_id, rank)
+        series.loss = report.loss
+        series.grad_norm = report.grad_norm
+        series.step = report.step
+        loss_scale = report.loss_scale
+        if loss_scale > 0:  # 0 means the rank uses no GradScaler
+            if not series.has_loss_scale:
+                self.loss_scale.labels(*series.labels).set_function(series.read_loss_scale)
+                series.has_loss_scale = True
+            series.loss_scale = loss_scale
+
+    def _series_of(self, run_id: str, rank: int) -> _RankSeries:
+        """Return the holder of the rank's latest values, creating the rank's series on its first report."""
+        by_rank = self._rank_series.setdefault(run_id, {})
+        series = by_rank.get(rank)
+        if series is None:
+            series = _RankSeries(labels=(run_id, str(rank)) if self.rank_label else (run_id,))
+            self.loss.labels(*series.labels).set_function(series.read_loss)
+            self.grad_norm.labels(*series.labels).set_function(series.read_grad_norm)
+            self.step.labels(*series.labels).set_function(series.read_step)
+            by_rank[rank] = series
+        return series
 
     def observe_finding(self, finding: pb.Finding) -> None:
         with self._lock:
@@ -282,6 +312,31 @@ class ServiceMetrics:
         with self._lock:
             if self._admit(run_id):
                 self.run_halted.labels(run_id).set(1 if halted else 0)
+
+
+@dataclass(slots=True)
+class _RankSeries:
+    """The latest values of one rank's report, which its labelled gauges read when collected."""
+
+    labels: tuple[str, ...]
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    step: int = 0
+    loss_scale: float = 0.0
+    """The latest positive loss scale; the rank has a loss-scale series once it reported one."""
+    has_loss_scale: bool = False
+
+    def read_loss(self) -> float:
+        return self.loss
+
+    def read_grad_norm(self) -> float:
+        return self.grad_norm
+
+    def read_step(self) -> float:
+        return self.step
+
+    def read_loss_scale(self) -> float:
+        return self.loss_scale
 
 
 def _label_values(family: MetricWrapperBase, names: tuple[str, ...], run_id: str) -> set[tuple[str, ...]]:

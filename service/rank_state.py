@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from nanwatch.service.checks.activations import is_weight_layer
 from nanwatch.service.checks.data_ranks import InputScaleComparer
 from nanwatch.service.checks.hyperparameters import float16_parameters
 from nanwatch.service.checks.loss_trends import LossTracker, RankLossComparer
+from nanwatch.service.checks.windows import SortedWindow
 from nanwatch.service.thresholds import Thresholds
 from nanwatch.v1 import nanwatch_pb2 as pb
 
@@ -17,7 +17,8 @@ from nanwatch.v1 import nanwatch_pb2 as pb
 class RankState:
     """Facts of one rank from registration and its first forward pass, histories and one-shot flags."""
 
-    grad_norms: deque[float]
+    grad_norms: SortedWindow
+    """Recent finite gradient norms; the GRAD_EXPLODING limit is a multiple of their median."""
     loss_tracker: LossTracker
     loss_function: str = ""
     optimizer: pb.OptimizerInfo | None = None
@@ -41,8 +42,8 @@ class RankState:
 
     @classmethod
     def create(cls, thresholds: Thresholds) -> RankState:
-        return cls(grad_norms=deque(maxlen=thresholds.grad_history),
-                   loss_tracker=LossTracker(history=deque(maxlen=thresholds.loss_history)))
+        return cls(grad_norms=SortedWindow(maxlen=thresholds.grad_history),
+                   loss_tracker=LossTracker(history=SortedWindow(maxlen=thresholds.loss_history)))
 
     def register(self, request: pb.RegisterRankRequest) -> None:
         """Store the facts of a registration."""

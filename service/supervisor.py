@@ -134,8 +134,7 @@ class Supervisor:
             logger.info("rank reconnected run=%s rank=%d client=%s", request.run_id, request.rank, request.client_id)
         else:
             # A new process for this rank (for example after a restart) starts over.
-            state.last_step = -1
-            state.dropped_reports = 0
+            run.restart_rank(request.rank)
         state.client_id = request.client_id
         state.host = request.host
 
@@ -177,21 +176,25 @@ class Supervisor:
 
     def process_report(self, run: LiveRun, rank: int, report: pb.StepReport) -> None:
         started = time.perf_counter()
-        check_report(report, run.rank(rank).last_step)
-        self._count_client_drops(run, rank, report.dropped_reports)
+        state = run.rank(rank)
+        check_report(report, state.last_step)
+        if report.dropped_reports > state.dropped_reports:
+            self._count_client_drops(run, rank, report.dropped_reports)
         self.live.record_report(run.run_id, rank, report)
         self.metrics.observe_report(run.run_id, rank, report)
 
         findings = self.engine.check_report(run.run_id, rank, report)
-        if report.halted_locally and report.HasField("client_finding"):
+        halted_locally = report.halted_locally
+        if halted_locally and report.HasField("client_finding"):
             findings += _accepted_client_finding(run.run_id, rank, report)
         recorded = self._record_findings(findings)
-        self._halt_on_critical(run.run_id, recorded, step=report.step)
-        if report.halted_locally:
+        if recorded:
+            self._halt_on_critical(run.run_id, recorded, step=report.step)
+        if halted_locally:
             self._halt(run.run_id, step=report.step, first_rank=rank, source=HALT_SOURCE_CLIENT,
                        reason=f"rank {rank} stopped at step {report.step} on its own checks")
             self._record_stop_step(run.run_id, report.step)
-        if report.forward_trace or report.step % 50 == 0 or recorded:
+        if recorded or report.step % 50 == 0 or report.forward_trace:
             self._persist_progress(run.run_id)
         self.metrics.report_seconds.observe(time.perf_counter() - started)
 
@@ -402,11 +405,22 @@ class Supervisor:
             logger.info("halt run=%s: ranks stopped at step %d (requested %d)", run_id, step, halt.step)
 
     def _persist_progress(self, run_id: str, live: LiveRun | None = None) -> None:
+        """Write the run's last step and evaluated codes to the store, unless they are what the run last wrote.
+
+        The store keeps the maximum step and the union of the codes written, and only this
+        method writes them, so repeating the run's previous write would change nothing.
+        Every rank of a run reports step 50, 100, ..., so most of these calls repeat one.
+        """
         live = live if live is not None else self.live.get(run_id)
         last_step = live.max_step() if live else -1
+        codes = self.engine.evaluated_codes(run_id)
+        if live is not None and live.persisted_progress == (last_step, codes):
+            return
         stored = self.store.get_run(run_id)
-        evaluated = self.engine.evaluated_codes(run_id) | (stored.evaluated_codes if stored else set())
+        evaluated = codes | (stored.evaluated_codes if stored else set())
         self.store.update_run_progress(run_id, last_step=last_step, evaluated_codes=evaluated)
+        if live is not None:
+            live.persisted_progress = (last_step, frozenset(codes))
 
     def _live_max_step(self, run_id: str) -> int:
         live = self.live.get(run_id)

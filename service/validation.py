@@ -21,6 +21,7 @@ MAX_ELEMENTS = 1 << 50
 MAX_PARAMETERS = 1 << 20
 MAX_TRACE_MODULES = 1 << 16
 MAX_BATCH_TENSORS = 64
+_MAX_DROPPED = 1 << 62
 
 
 class RequestError(Exception):
@@ -135,7 +136,46 @@ def check_finite(value: float, field_name: str, hint: str, *, minimum: float | N
 
 
 def check_report(report: pb.StepReport, last_step: int) -> None:
-    """Reject a report whose step is negative or behind the rank's last step."""
+    """Reject a report whose step is negative or behind the rank's last step, or whose fields are out of range."""
+    if _is_plain_valid_report(report, last_step):
+        return
+    _check_report_fields(report, last_step)
+
+
+def _is_plain_valid_report(report: pb.StepReport, last_step: int) -> bool:
+    """Return True for a valid report without a trace, activations or output shape (most of them).
+
+    It tests the conditions of _check_report_fields in fewer operations. False means
+    "not known valid": _check_report_fields then raises the error of the first invalid field.
+    A comparison with NaN is false, so 0.0 <= x < inf holds only for finite x >= 0.
+    """
+    step = report.step
+    if not (0 <= step and last_step <= step):
+        return False
+    if not (0.0 <= report.lr < math.inf and 0.0 <= report.loss_scale < math.inf
+            and 0.0 <= report.clip_max_norm < math.inf and 0.0 <= report.sent_unix_s < math.inf):
+        return False
+    if not (0 <= report.nonfinite_grad_count <= MAX_PARAMETERS and 0 <= report.dropped_reports <= _MAX_DROPPED):
+        return False
+    if report.output_shape or report.forward_trace or report.activations:
+        return False
+    if len(report.autocast_dtype) > MAX_NAME_CHARS or len(report.parameter_grad_norms) > MAX_PARAMETERS:
+        return False
+    batch = report.batch
+    return len(batch) <= MAX_BATCH_TENSORS and all(_is_valid_summary(summary) for summary in batch)
+
+
+def _is_valid_summary(summary: pb.TensorSummary) -> bool:
+    """Return True when _check_summary accepts summary; False means "not known valid"."""
+    dims = list(summary.shape)
+    indices = summary.nonfinite_sample_indices
+    return (len(dims) <= MAX_DIMS and len(summary.name) <= MAX_NAME_CHARS and len(summary.dtype) <= MAX_NAME_CHARS
+            and 0 <= summary.nan_count <= MAX_ELEMENTS and 0 <= summary.inf_count <= MAX_ELEMENTS
+            and (not dims or (min(dims) >= 0 and max(dims) <= MAX_DIM and math.prod(dims) <= MAX_ELEMENTS))
+            and (not indices or min(indices) >= 0))
+
+
+def _check_report_fields(report: pb.StepReport, last_step: int) -> None:
     if report.step < 0:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"report.step {report.step} is negative")
     if report.step < last_step:
@@ -150,7 +190,7 @@ def check_report(report: pb.StepReport, last_step: int) -> None:
     check_finite(report.clip_max_norm, "report.clip_max_norm", "send clip_grad_norm_'s max_norm, or 0", minimum=0.0)
     check_finite(report.sent_unix_s, "report.sent_unix_s", "send time.time()", minimum=0.0)
     check_count(report.nonfinite_grad_count, "report.nonfinite_grad_count", MAX_PARAMETERS)
-    check_count(report.dropped_reports, "report.dropped_reports", 1 << 62)
+    check_count(report.dropped_reports, "report.dropped_reports", _MAX_DROPPED)
     check_count(len(report.parameter_grad_norms), "report.parameter_grad_norms", MAX_PARAMETERS)
     check_shape(report.output_shape, "report.output_shape")
     _check_modules(report.forward_trace, "report.forward_trace")

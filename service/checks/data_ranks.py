@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nanwatch.service.checks.catalog import Where, format_number, new_finding
@@ -25,22 +26,22 @@ class InputScaleComparer:
     _streaks: dict[str, int] = field(default_factory=dict)
     _reported: set[str] = field(default_factory=set)
 
-    def observe(self, rank: int, report: pb.StepReport, where: Where) -> list[pb.Finding]:
-        """Record this rank's batch stds; return DATA_RANK_SCALE once a tensor's ranks stay far apart."""
+    def observe(self, rank: int, step: int, batch: Sequence[pb.TensorSummary], where: Where) -> list[pb.Finding]:
+        """Record this rank's batch stds of one step; return DATA_RANK_SCALE once a tensor's ranks stay far apart."""
         if self.world_size < 2:
             return []
         findings = []
-        for summary in report.batch:
+        for summary in batch:
             if not summary.dtype.startswith(("float", "bfloat")) or not summary.std > 0.0:
                 continue
-            by_rank = self._stds.setdefault((summary.name, report.step), {})
+            by_rank = self._stds.setdefault((summary.name, step), {})
             by_rank[rank] = summary.std
             if len(by_rank) == self.world_size:
-                del self._stds[(summary.name, report.step)]
+                del self._stds[(summary.name, step)]
                 finding = self._compare(summary.name, by_rank, where)
                 if finding is not None:
                     findings.append(finding)
-        self._drop_old(report.step)
+        self._drop_old(step)
         return findings
 
     def _compare(self, name: str, by_rank: dict[int, float], where: Where) -> pb.Finding | None:

@@ -13,8 +13,12 @@ from nanwatch.v1 import nanwatch_pb2 as pb
 
 def is_growing(history: Sequence[float], thresholds: Thresholds) -> bool:
     """Return whether the last grad_growth_window norms rose at every step and by more than grad_growth_factor."""
-    window = list(history)[-thresholds.grad_growth_window:]
-    if len(window) < thresholds.grad_growth_window or window[0] <= 0.0:
+    size, count = thresholds.grad_growth_window, len(history)
+    # Most reports end here: the window must rise at its last step too (size is at least 3).
+    if count < size or history[count - 1] <= history[count - 2]:
+        return False
+    window = [history[index] for index in range(count - size, count)]
+    if window[0] <= 0.0:
         return False
     rises = all(later > earlier for earlier, later in zip(window, window[1:]))
     return rises and window[-1] > thresholds.grad_growth_factor * window[0]

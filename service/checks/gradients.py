@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 
 from nanwatch.service.checks.catalog import Where, format_list, format_number, new_finding
+from nanwatch.service.checks.windows import median_of
 from nanwatch.service.thresholds import Thresholds
 from nanwatch.v1 import nanwatch_pb2 as pb
 
@@ -66,7 +66,7 @@ def exploding_limit(history: Sequence[float], thresholds: Thresholds) -> float |
     """Return the grad_norm above which a norm counts as a spike, or None during warm-up."""
     if len(history) < thresholds.grad_warmup_steps:
         return None
-    median = statistics.median(history)
+    median = median_of(history)
     if median <= 0.0:
         return None  # all-zero gradients give no scale to compare against
     return thresholds.grad_explode_factor * median

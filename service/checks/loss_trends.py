@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nanwatch.service.checks.catalog import Where, format_number, new_finding
+from nanwatch.service.checks.windows import SortedWindow
 from nanwatch.service.thresholds import Thresholds
 from nanwatch.v1 import nanwatch_pb2 as pb
 
@@ -31,37 +32,58 @@ def spike_limit(history: Sequence[float], thresholds: Thresholds) -> float | Non
     """
     if len(history) < thresholds.loss_warmup_steps:
         return None
-    median = statistics.median(history)
-    mad = statistics.median(abs(value - median) for value in history) * MAD_TO_STD
+    window = history if isinstance(history, SortedWindow) else SortedWindow(history)
+    median = window.median()
+    mad = window.median_abs_deviation(median) * MAD_TO_STD
     return median + max(thresholds.loss_spike_mads * mad, abs(median), 1e-8)
 
 
 @dataclass
 class LossTracker:
-    """Per-rank loss history and the current run of reports above the spike limit."""
+    """Per-rank loss history and the current run of reports above the spike limit.
 
-    history: deque[float]
+    A deque given as history becomes a SortedWindow of the same maxlen, which
+    keeps the spike limit's two medians at O(log n) per report.
+    """
+
+    history: SortedWindow
     streak: int = 0
     is_diverging_reported: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.history, SortedWindow):
+            self.history = SortedWindow(self.history, maxlen=getattr(self.history, "maxlen", None))
 
     def check(self, report: pb.StepReport, where: Where, thresholds: Thresholds) -> list[pb.Finding]:
         """Return LOSS_SPIKE (info) on the first report above the limit, LOSS_DIVERGING when it stays there."""
         loss = observed_finite_loss(report)
         if loss is None:
             return []
-        limit = spike_limit(self.history, thresholds)
+        limit = None if self._is_surely_below_limit(loss, thresholds) else spike_limit(self.history, thresholds)
         if limit is None or loss <= limit:
             self.streak = 0
             self.history.append(loss)
             return []
         self.streak += 1  # the baseline keeps its pre-spike values while the loss is high
-        median = statistics.median(self.history)
+        median = self.history.median()
         if self.streak == 1:
             return [_spike_finding(loss, median, limit, where)]
         if self.streak == thresholds.loss_diverge_patience and not self.is_diverging_reported:
             self.is_diverging_reported = True
             return [_diverging_finding(loss, median, self.streak, report.lr, where)]
         return []
+
+    def _is_surely_below_limit(self, loss: float, thresholds: Thresholds) -> bool:
+        """Return True when loss <= spike_limit(history) is known without the MAD, or when there is no limit yet.
+
+        The limit is median + max(loss_spike_mads x MAD, |median|, 1e-8), and float addition is
+        monotonic, so a loss at most median + |median| is below it. Most healthy reports stop here.
+        Thresholds rejects a non-finite loss_spike_mads, so the first term of max() is never NaN.
+        """
+        if len(self.history) < thresholds.loss_warmup_steps:
+            return True
+        median = self.history.median()
+        return loss <= median + abs(median)
 
 
 def _spike_finding(loss: float, median: float, limit: float, where: Where) -> pb.Finding:
