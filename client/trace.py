@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from nanwatch.client.localize.guard import replaying
+from nanwatch.client.localize.origins import has_nonfinite
 from nanwatch.client.summaries import dtype_name, stats_dtype
 from nanwatch.v1 import nanwatch_pb2 as pb
 
@@ -39,18 +40,6 @@ def first_tensor(value: Any) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
-
-
-def nonfinite_flag(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Return a device flag that tensor holds NaN or Inf, or None for an empty tensor.
-
-    torch.aminmax propagates NaN and returns an infinite bound for any Inf, so its two
-    values decide it in one pass, about 10x faster on CPU than isfinite().all() on logits.
-    """
-    if tensor.numel() == 0:
-        return None
-    low, high = torch.aminmax(tensor)
-    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def measure_activation(module_type: str, inputs: Sequence[Any], output: torch.Tensor) -> torch.Tensor:
@@ -142,7 +131,7 @@ class ForwardTrace:
         tensor = first_tensor(output)
         if tensor is None or replaying():
             return
-        bad = nonfinite_flag(tensor.detach())
+        bad = has_nonfinite(tensor.detach())
         if bad is None:
             return
         flag = self._output_nonfinite

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from nanwatch.client.localize.guard import replaying
-from nanwatch.client.localize.origins import float_tensors
+from nanwatch.client.localize.origins import float_tensors, has_nonfinite
 
 # Forward passes and loss calls kept per optimizer step (gradient accumulation makes several).
 MAX_CALLS_PER_STEP = 4
@@ -37,6 +37,8 @@ class RootCall:
     output_grads: dict[int, torch.Tensor] = field(default_factory=dict)
     """Gradient that reached each output tensor (by position) in the real backward, when kept."""
     output_count: int = 0
+    output_grad_flags: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Device flags "the gradient that reached this output held NaN/Inf", when the gradient was not kept."""
     loss_traced: bool = False
     """True when a loss call on this pass's outputs was recorded: the replay can recompute the gradients."""
 
@@ -152,28 +154,22 @@ class StepCapture:
 def _grad_keeper(call: RootCall, position: int) -> Callable[[torch.Tensor], None]:
     """Return a tensor hook that keeps the gradient of one model output for the replay.
 
-    With a traced loss the replay recomputes the gradient from the loss, so only a
-    non-finite gradient, which shows that the loss's backward made the NaN, is kept.
-    Keeping every gradient costs memory and about 1% of a transformer step on CPU.
+    With a traced loss the replay recomputes the gradient from the loss, so the hook
+    keeps only a device flag of whether the gradient was finite, read only by a
+    replay. Keeping every gradient costs memory and about 1% of a transformer step
+    on CPU.
     """
     def keep(grad: torch.Tensor) -> None:
         if replaying():
             return
-        if call.loss_traced and not _nonfinite_on_cpu(grad):
+        if not call.loss_traced:
+            call.output_grads[position] = grad
             return
-        call.output_grads[position] = grad
+        flag = has_nonfinite(grad.detach())
+        if flag is not None:
+            call.output_grad_flags[position] = flag
 
     return keep
-
-
-def _nonfinite_on_cpu(tensor: torch.Tensor) -> bool:
-    """Return True for a CPU tensor with NaN or Inf; False on other devices, where the test would sync."""
-    # NOTE: on a GPU with a traced loss, a NaN made by untraced loss code after the traced
-    # call is not kept, so the replay may report it as not reproduced.
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
-        return False
-    low, high = torch.aminmax(tensor.detach())
-    return not (bool(torch.isfinite(low)) and bool(torch.isfinite(high)))
 
 
 def _cuda_rng(device_type: str) -> tuple[int, torch.Tensor] | None:

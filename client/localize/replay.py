@@ -139,7 +139,16 @@ class Localizer:
                 in_loss.seed_nonfinite = True
                 return in_loss
             if loss is not None:
-                return search_backward([loss], None, leaves, sites)
+                result = search_backward([loss], None, leaves, sites)
+                seed_flagged = any(bool(flag) for flag in call.output_grad_flags.values())
+                if not seed_flagged or result.node or loss_call is None:
+                    return result
+                # The output gradient of the real step was non-finite and the model's backward is
+                # finite: the NaN came from the loss's backward, traced or not.
+                in_loss = self._loss_backward(loss_call, replayed.outputs)
+                in_loss.parameters = result.parameters
+                in_loss.seed_nonfinite = True
+                return in_loss
         except Exception:  # noqa: BLE001 - the forward result still stands
             logger.debug("nanwatch: the backward replay failed", exc_info=True)
         return BackwardResult()

@@ -202,3 +202,26 @@ def test_replay_restores_rng_and_buffers(dead_endpoint: str) -> None:
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert torch.equal(model.norm.running_mean, mean_before)
     assert model.norm.num_batches_tracked.item() == 1
+
+
+def test_watched_step_one_host_sync(dead_endpoint: str) -> None:
+    from benchmarks.host_syncs import count_host_syncs
+
+    x, y = _batch()
+    model = DeepNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    counts = []
+    with Watcher(model, optimizer, loss_fn=criterion, endpoint=dead_endpoint, flush_timeout_s=0.2):
+        step()  # the first step also sends the forward trace
+        for _ in range(12):
+            with count_host_syncs() as counted:
+                step()
+            counts.append(sum(counted.values()))
+    assert max(counts) == 1
