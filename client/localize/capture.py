@@ -21,6 +21,9 @@ from nanwatch.client.localize.origins import float_tensors, has_nonfinite
 
 # Forward passes and loss calls kept per optimizer step (gradient accumulation makes several).
 MAX_CALLS_PER_STEP = 4
+# Output gradients up to this many elements are kept as they are: cheaper than the few small
+# operations of a finiteness flag. Larger ones (logits) are kept only as a flag.
+SMALL_GRAD_ELEMENTS = 1 << 16
 
 
 @dataclass(kw_only=True)
@@ -154,15 +157,15 @@ class StepCapture:
 def _grad_keeper(call: RootCall, position: int) -> Callable[[torch.Tensor], None]:
     """Return a tensor hook that keeps the gradient of one model output for the replay.
 
-    With a traced loss the replay recomputes the gradient from the loss, so the hook
-    keeps only a device flag of whether the gradient was finite, read only by a
-    replay. Keeping every gradient costs memory and about 1% of a transformer step
-    on CPU.
+    With a traced loss the replay recomputes the gradient from the loss, so for a
+    large output the hook keeps only a device flag of whether the gradient was
+    finite, read only by a replay. Keeping the logits' gradient costs memory and
+    about 1% of a transformer step on CPU.
     """
     def keep(grad: torch.Tensor) -> None:
         if replaying():
             return
-        if not call.loss_traced:
+        if not call.loss_traced or grad.numel() <= SMALL_GRAD_ELEMENTS:
             call.output_grads[position] = grad
             return
         flag = has_nonfinite(grad.detach())
