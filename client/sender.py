@@ -207,7 +207,13 @@ class ReportSender:
     def _on_registered(self, response: pb.RegisterRankResponse) -> None:
         self._outage.succeeded()
         if response.HasField("halt") and response.halt.kind == pb.SIGNAL_KIND_HALT:
-            self._store_halt(response.halt)
+            # The run was halted before this rank registered: a new process of the job (a
+            # restarted pod starting from step 0) must not apply a single update, so the
+            # halt is due at once rather than at the step the other ranks stopped at.
+            halt = pb.Signal()
+            halt.CopyFrom(response.halt)
+            halt.halt_step = 0
+            self._store_halt(halt)
         if not self._registered_once and self._request.rank == 0:
             for finding in response.findings:
                 log_finding(finding)

@@ -125,6 +125,20 @@ def test_full_buffer_drops_oldest(net, dead_endpoint) -> None:  # type: ignore[n
     assert watcher.dropped_reports == 3
 
 
+def test_register_halt_due_at_first_step(net, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    servicer, endpoint = tiny_server
+    servicer.register_halt = pb.Signal(kind=pb.SIGNAL_KIND_HALT, run_id="late-run", halt_step=14, reason="halted")
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    watcher = Watcher(net, optimizer, endpoint=endpoint, run_id="late-run", flush_timeout_s=0.2)
+    assert wait_until(lambda: watcher._sender.halt_signal is not None)  # private, as above
+    before = [param.detach().clone() for param in net.parameters()]
+    with pytest.raises(HaltError) as caught:
+        run_steps(watcher, net, optimizer, 3)
+    watcher.close()
+    assert caught.value.step == 0
+    assert all(torch.equal(old, new) for old, new in zip(before, net.parameters()))
+
+
 def test_register_halt_is_stored(net, tiny_server) -> None:  # type: ignore[no-untyped-def]
     servicer, endpoint = tiny_server
     servicer.register_halt = pb.Signal(kind=pb.SIGNAL_KIND_HALT, run_id="halted-run", halt_step=0, reason="halted earlier")
