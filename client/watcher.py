@@ -60,7 +60,7 @@ class Watcher:
         optimizer: the optimizer whose step() is hooked.
         loss_fn: a loss nn.Module (hooked to observe every loss), a loss function name
             such as "cross_entropy", or None.
-        run_id: 1-128 characters of [A-Za-z0-9._-]. Default: $NANWATCH_RUN_ID, else
+        run_id: 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit. Default: $NANWATCH_RUN_ID, else
             $TORCHELASTIC_RUN_ID, else "run-<UTC timestamp>-<pid>" (broadcast from rank 0
             when a process group is initialized, which makes the constructor a collective).
         endpoint: host:port of the service; default $NANWATCH_ENDPOINT or 127.0.0.1:50051.

@@ -217,6 +217,9 @@ async def start_service(config: ServiceConfig) -> RunningService:
         "TLS" if config.tls_enabled else "plaintext", config.auth_mode,
         config.host, grpc_port, config.host, metrics_port, config.db_path,
     )
+    if config.token and not config.tls_enabled:
+        logger.warning("a token is configured but the gRPC port is plaintext, so clients send it unencrypted; "
+                       "add --tls-cert and --tls-key")
     running = RunningService(
         server=server, health_servicer=health_servicer, supervisor=supervisor, grpc_port=grpc_port,
         metrics_port=metrics_port, metrics_http=metrics_http, host=config.host, grace_s=config.grace_s,
