@@ -262,16 +262,17 @@ def _server_options(config: ServiceConfig) -> list[tuple[str, int]]:
 
 def _interceptors(config: ServiceConfig, metrics: ServiceMetrics) -> list[grpc.aio.ServerInterceptor]:
     """Return the token check (when enabled) followed by the malformed-request handling."""
-    if config.auth_mode == "none" or config.token is None:
-        if config.token is not None:
-            logger.warning("a token is configured but --auth is none: no call checks it")
-        return [MalformedRequestInterceptor()]
 
     def count_rejection(method: str, code: grpc.StatusCode) -> None:
         metrics.rpc_errors.labels(method, code.name).inc()
 
+    malformed = MalformedRequestInterceptor(on_reject=count_rejection)
+    if config.auth_mode == "none" or config.token is None:
+        if config.token is not None:
+            logger.warning("a token is configured but --auth is none: no call checks it")
+        return [malformed]
     token_check = TokenAuthInterceptor(token=config.token, mode=config.auth_mode, on_reject=count_rejection)  # type: ignore[arg-type]
-    return [token_check, MalformedRequestInterceptor()]
+    return [token_check, malformed]
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:

@@ -157,7 +157,11 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Rejects requests whose bytes do not parse with INVALID_ARGUMENT instead of gRPC's UNKNOWN.
 
     Only the Nanwatch service's methods are wrapped; health and reflection keep gRPC's handling.
+    on_reject, when given, is called with the method and status of each rejected unary call.
     """
+
+    def __init__(self, on_reject: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
+        self._on_reject = on_reject
 
     async def intercept_service(
         self,
@@ -167,10 +171,11 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/nanwatch.v1.Nanwatch/"):
             return handler
-        return _tolerant_handler(handler, handler_call_details.method.rsplit("/", 1)[-1])
+        return _tolerant_handler(handler, handler_call_details.method.rsplit("/", 1)[-1], self._on_reject)
 
 
-def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str,
+                      on_reject: Callable[[str, grpc.StatusCode], None] | None) -> grpc.RpcMethodHandler:
     """Return handler with a deserializer that yields MalformedRequest instead of raising."""
     parse = handler.request_deserializer
     type_name = f"{method}Request" if method != "Watch" else "WatchRequest"
@@ -192,6 +197,8 @@ def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMe
         if isinstance(request, MalformedRequest):
             error = request.error()
             logger.info("%s rejected with %s: %s", method, error.code.name, error.message)
+            if on_reject is not None:
+                on_reject(method, error.code)
             await context.abort(error.code, error.message)
         return await behavior(request, context)
 

@@ -6,6 +6,7 @@ After every rejection the service is still healthy and the data stored before it
 from __future__ import annotations
 
 import math
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -298,6 +299,15 @@ def test_unparsable_bytes_rejected(small_service: BackgroundService, stub: pb_gr
         error = _rpc_error(lambda: call(b"\x00", timeout=DEADLINE_S))
     assert error.code() == INVALID
     assert f"{method}Request" in error.details()
+
+
+def test_unparsable_bytes_counted(small_service: BackgroundService) -> None:
+    with grpc.insecure_channel(small_service.endpoint) as channel:
+        call = channel.unary_unary("/nanwatch.v1.Nanwatch/GetRunStatus")
+        _rpc_error(lambda: call(b"\x00", timeout=DEADLINE_S))
+    with urllib.request.urlopen(small_service.metrics_url, timeout=DEADLINE_S) as page:
+        text = page.read().decode()
+    assert 'nanwatch_rpc_errors_total{code="INVALID_ARGUMENT",method="GetRunStatus"} 1.0' in text
 
 
 def test_unparsable_watch_bytes_rejected(small_service: BackgroundService, stub: pb_grpc.NanwatchStub) -> None:
