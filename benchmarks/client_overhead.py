@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from benchmarks.models import Workload, count_parameters
-from benchmarks.trials import VariantResult, run_interleaved
+from benchmarks.trials import VariantResult, run_interleaved, timed_trial
 from nanwatch.client.watcher import Watcher
 from nanwatch.service.server import BackgroundService, ServiceConfig
 
@@ -92,12 +92,7 @@ def train_step(variant: Variant, workload: Workload) -> None:
 
 def make_trial(variant: Variant, workload: Workload, steps: int) -> Callable[[], float]:
     """Return a trial that runs steps training steps and returns the mean seconds per step."""
-    def trial() -> float:
-        started = time.perf_counter()
-        for _ in range(steps):
-            train_step(variant, workload)
-        return (time.perf_counter() - started) / steps
-    return trial
+    return timed_trial(lambda: train_step(variant, workload), steps)
 
 
 def measure_client_overhead(

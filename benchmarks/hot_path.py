@@ -15,7 +15,7 @@ from benchmarks.client_overhead import (
 )
 from benchmarks.host_syncs import count_host_syncs
 from benchmarks.models import Workload
-from benchmarks.trials import VariantResult, run_interleaved
+from benchmarks.trials import VariantResult, run_interleaved, timed_trial
 from nanwatch.client.summaries import foreach_norms
 from nanwatch.client.watcher import Watcher
 
@@ -49,15 +49,6 @@ def prepare(workload: Workload) -> HotPathSetup:
                         workload=workload)
 
 
-def _timed(action: Callable[[], object], repeats: int) -> Callable[[], float]:
-    def trial() -> float:
-        started = time.perf_counter()
-        for _ in range(repeats):
-            action()
-        return (time.perf_counter() - started) / repeats
-    return trial
-
-
 def _all_summaries(setup: HotPathSetup) -> None:
     setup.watcher.check_batch(inputs=setup.workload.inputs, targets=setup.workload.targets)
     setup.watcher.observe_loss(setup.loss)
@@ -83,8 +74,8 @@ def measure_hot_path(workload: Workload, *, rounds: int, repeats: int = 10) -> d
     }
     try:
         for action in actions.values():
-            _timed(action, 2)()
-        trials = {name: _timed(action, repeats) for name, action in actions.items()}
+            timed_trial(action, 2)()
+        trials = {name: timed_trial(action, repeats) for name, action in actions.items()}
         return run_interleaved(trials, rounds=rounds, baseline=FUSED)
     finally:
         watcher.close()

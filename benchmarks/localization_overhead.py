@@ -22,7 +22,7 @@ from torch import nn
 
 from benchmarks.client_overhead import free_loopback_port
 from benchmarks.models import Workload, count_parameters, mlp_workload, transformer_workload
-from benchmarks.trials import VariantResult, run_interleaved
+from benchmarks.trials import VariantResult, run_interleaved, timed_trial
 from nanwatch.client.localize import Localizer, StepCapture
 from nanwatch.client.watcher import Watcher
 
@@ -53,16 +53,6 @@ def _step_runner(workload: Workload, name: str, endpoint: str) -> tuple[Callable
     return step, watcher
 
 
-def _trial(step: Callable[[], None], steps: int) -> Callable[[], float]:
-    def trial() -> float:
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - started) / steps
-
-    return trial
-
-
 def measure(workload: Workload, *, rounds: int, steps: int) -> dict[str, VariantResult]:
     """Return the interleaved step times of each variant; PLAIN is the baseline."""
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
@@ -70,8 +60,8 @@ def measure(workload: Workload, *, rounds: int, steps: int) -> dict[str, Variant
     runners = {name: _step_runner(workload, name, endpoint) for name in VARIANTS}
     try:
         for step, _ in runners.values():
-            _trial(step, 2)()
-        trials = {name: _trial(step, steps) for name, (step, _) in runners.items()}
+            timed_trial(step, 2)()
+        trials = {name: timed_trial(step, steps) for name, (step, _) in runners.items()}
         return run_interleaved(trials, rounds=rounds, baseline=PLAIN)
     finally:
         for _, watcher in runners.values():

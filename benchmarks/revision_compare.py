@@ -28,9 +28,9 @@ import torch
 from benchmarks.client_overhead import (
     PLAIN, WATCHER_CHECK_BATCH, WATCHER_NO_SERVICE, build_variant, free_loopback_port, train_step,
 )
-from benchmarks.hot_path import _timed, prepare
+from benchmarks.hot_path import prepare
 from benchmarks.models import mlp_workload, transformer_workload
-from benchmarks.trials import run_interleaved
+from benchmarks.trials import run_interleaved, timed_trial
 from nanwatch.client import step_check as current_step_check
 from nanwatch.client import step_state as current_step_state
 from nanwatch.client import summaries as current_summaries
@@ -97,9 +97,9 @@ def compare_client(old: dict[str, ModuleType]) -> None:
         use_revision(before.watcher, old)
         grads = current.grads
         trials = {
-            "fused float32 norm pass": _timed(lambda: torch._foreach_norm(grads), 10),
-            "summaries before": _timed(_summaries(before), 10),
-            "summaries after": _timed(_summaries(current), 10),
+            "fused float32 norm pass": timed_trial(lambda: torch._foreach_norm(grads), 10),
+            "summaries before": timed_trial(_summaries(before), 10),
+            "summaries after": timed_trial(_summaries(current), 10),
         }
         _warm_up(trials)
         results = run_interleaved(trials, rounds=7, baseline="fused float32 norm pass")
@@ -161,13 +161,7 @@ def _summaries(setup: object) -> Callable[[], None]:
 
 
 def _steps(variant: object, workload: object) -> Callable[[], float]:
-    def trial() -> float:
-        started = time.perf_counter()
-        for _ in range(10):
-            train_step(variant, workload)
-        return (time.perf_counter() - started) / 10
-
-    return trial
+    return timed_trial(lambda: train_step(variant, workload), 10)
 
 
 def _comparer_trial(module: ModuleType, reports: list[pb.StepReport], thresholds: Thresholds) -> Callable[[], float]:

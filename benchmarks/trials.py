@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -48,6 +49,17 @@ def percentile(values: list[float], fraction: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def timed_trial(action: Callable[[], object], repeats: int) -> Callable[[], float]:
+    """Return a trial that calls action repeats times and returns the mean seconds per call."""
+    def trial() -> float:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            action()
+        return (time.perf_counter() - started) / repeats
+
+    return trial
 
 
 def run_interleaved(

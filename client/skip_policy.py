@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
-from nanwatch.bootstrap import MAX_CONSECUTIVE_SKIPS_ENV
+from nanwatch.bootstrap import max_consecutive_skips_from_env
 from nanwatch.client.local_checks import Reason
 
 logger = logging.getLogger(__name__)
@@ -20,13 +19,7 @@ SKIPPABLE = int(Reason.LOSS) | int(Reason.GRADIENT)
 def resolve_max_consecutive_skips(value: int | None) -> int:
     """Return value, else $NANWATCH_MAX_CONSECUTIVE_SKIPS, else 0; raise ValueError naming a bad value."""
     if value is None:
-        raw = os.environ.get(MAX_CONSECUTIVE_SKIPS_ENV, "").strip()
-        if not raw:
-            return 0
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"${MAX_CONSECUTIVE_SKIPS_ENV}={raw!r} is not an integer; set 0 or more") from None
+        return max_consecutive_skips_from_env()
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {value!r}")
     return value

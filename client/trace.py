@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from nanwatch.client.localize.guard import replaying
-from nanwatch.client.localize.origins import has_nonfinite
+from nanwatch.client.localize.origins import float_tensors, has_nonfinite
 from nanwatch.client.summaries import dtype_name, stats_dtype
 from nanwatch.v1 import nanwatch_pb2 as pb
 
@@ -27,19 +27,8 @@ SATURATION_ABS = {"Sigmoid": 6.0, "Tanh": 3.0}
 
 def first_tensor(value: Any) -> torch.Tensor | None:
     """Return the first floating-point tensor in a module output (a tensor, tuple, list or mapping)."""
-    if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
-    if isinstance(value, Mapping):
-        items = list(value.values())
-    elif isinstance(value, (tuple, list)):
-        items = list(value)
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
+    found = float_tensors(value, limit=1)
+    return found[0] if found else None
 
 
 def measure_activation(module_type: str, inputs: Sequence[Any], output: torch.Tensor) -> torch.Tensor:

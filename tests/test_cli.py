@@ -75,6 +75,14 @@ def test_serve_error_names_flag_and_variable(tmp_path: Path) -> None:
     assert "--max-pending-requests or $NANWATCH_MAX_PENDING_REQUESTS" in result.stderr
 
 
+def test_run_rejects_bad_skip_variable() -> None:
+    env = {**os.environ, "NANWATCH_MAX_CONSECUTIVE_SKIPS": "abc"}
+    result = subprocess.run([*NANWATCH, "run", "--", sys.executable, "-c", "pass"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "$NANWATCH_MAX_CONSECUTIVE_SKIPS='abc' is invalid" in result.stderr
+
+
 def test_status_json_fields(service: object, stub: pb_grpc.NanwatchStub, capsys) -> None:
     stub.RegisterRank(registration("cli-1", lr=50.0), timeout=DEADLINE_S)
     stream = WatchStream(stub, "cli-1", 0)

@@ -69,26 +69,27 @@ class _Kinds:
 
 
 def float_tensors(value: Any, limit: int = 64) -> list[torch.Tensor]:
-    """Return the floating-point tensors in value (a tensor, or tuples, lists and mappings of them)."""
+    """Return up to limit floating-point tensors in value (a tensor, or nested tuples, lists and mappings), depth first."""
     found: list[torch.Tensor] = []
     stack = [value]
     while stack and len(found) < limit:
-        item = stack.pop(0)
+        item = stack.pop()
         if isinstance(item, torch.Tensor):
             if item.is_floating_point():
                 found.append(item)
         elif isinstance(item, Mapping):
-            stack.extend(item.values())
+            stack.extend(reversed(list(item.values())))
         elif isinstance(item, (tuple, list)):
-            stack.extend(item)
+            stack.extend(reversed(item))
     return found
 
 
 def has_nonfinite(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Return a device flag that tensor holds NaN or Inf, or None for an empty tensor; no host sync.
+    """Return a device flag that is true when tensor contains NaN or Inf, or None for an empty tensor.
 
-    torch.aminmax propagates NaN and returns an infinite bound for any Inf, so its two
-    values decide it in one pass, about 8x faster on CPU than isfinite().all() on logits.
+    Nothing is read on the host. torch.aminmax propagates NaN and returns an infinite
+    bound for any Inf, so its two values decide it in one pass. On CPU that measured
+    about 8x faster than isfinite().all() on a 512 x 2000 logits tensor.
     """
     if tensor.numel() == 0:
         return None

@@ -27,7 +27,9 @@ from typing import TextIO
 
 import grpc
 
-from nanwatch.bootstrap import AUTOWATCH_ENV, BOOTSTRAP_DIR, MAX_CONSECUTIVE_SKIPS_ENV, RUN_DIR_ENV
+from nanwatch.bootstrap import (
+    AUTOWATCH_ENV, BOOTSTRAP_DIR, MAX_CONSECUTIVE_SKIPS_ENV, RUN_DIR_ENV, max_consecutive_skips_from_env,
+)
 from nanwatch.cli.report import render_status, status_to_json
 from nanwatch.endpoint import ENDPOINT_ENV, validate_endpoint
 from nanwatch.errors import HALT_EXIT_CODE_ENV, halt_exit_code
@@ -84,10 +86,11 @@ def run_command(args: argparse.Namespace, out: TextIO = sys.stderr) -> int:
         print(f"nanwatch run: --max-consecutive-skips {args.max_consecutive_skips} is negative; give 0 or more",
               file=out)
         return EXIT_USAGE
-    skips_env = os.environ.get(MAX_CONSECUTIVE_SKIPS_ENV, "").strip()
-    if args.max_consecutive_skips is None and skips_env and not (skips_env.isdigit()):
-        print(f"nanwatch run: ${MAX_CONSECUTIVE_SKIPS_ENV}={skips_env!r} is invalid; set an integer >= 0 "
-              f"or use --max-consecutive-skips", file=out)
+    try:
+        if args.max_consecutive_skips is None:
+            max_consecutive_skips_from_env()
+    except ValueError as error:
+        print(f"nanwatch run: {error}, or use --max-consecutive-skips", file=out)
         return EXIT_USAGE
 
     with tempfile.TemporaryDirectory(prefix="nanwatch-run-") as folder:

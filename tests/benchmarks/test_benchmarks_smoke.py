@@ -58,3 +58,20 @@ def test_rerun_keeps_changes_section(tmp_path: Path) -> None:
 
 def test_first_run_no_changes_section(tmp_path: Path) -> None:
     assert run.preserved_changes(tmp_path / "BENCHMARKS.md") == ""
+
+
+def test_localization_rows_present() -> None:
+    from benchmarks import localization_overhead as localization
+    from benchmarks.models import mlp_workload
+
+    threads = torch.get_num_threads()
+    try:
+        workload = mlp_workload(parameter_count=20_000, batch=4)
+        results = localization.measure(workload, rounds=1, steps=1)
+        table = localization.render(workload, results, localization.capture_cost(workload, repeats=10),
+                                    localization.replay_cost(workload, repeats=1))
+    finally:
+        torch.set_num_threads(threads)
+    for variant in localization.VARIANTS:
+        assert f"| {variant} |" in table
+    assert "| one localization of a failing step (replay) |" in table

@@ -17,17 +17,10 @@ from nanwatch.service.metrics import ServiceMetrics
 from nanwatch.service.server import BackgroundService, ServiceConfig
 from nanwatch.v1 import nanwatch_pb2 as pb
 from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
-from tests.service.helpers import DEADLINE_S, WatchStream, registration, report
+from tests.service.helpers import DEADLINE_S, FakeClock, WatchStream, registration, report
 
 WAIT_S = 20.0
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run_ids_in(text: str) -> set[str]:

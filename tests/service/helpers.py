@@ -14,6 +14,16 @@ from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
 DEADLINE_S = 10.0
 
 
+class FakeClock:
+    """A clock for time-based limits that moves only when a test sets now."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def healthy_parameters() -> list[pb.ParameterInfo]:
     """Parameter facts of nn.Linear(64, 32) -> nn.Linear(32, 10) with PyTorch's default init."""
     rng = np.random.default_rng(0)

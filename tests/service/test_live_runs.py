@@ -17,18 +17,11 @@ from nanwatch.service.live import REMOVED_CAP, REMOVED_IDLE, LiveRun, LiveRuns, 
 from nanwatch.service.server import BackgroundService, ServiceConfig
 from nanwatch.v1 import nanwatch_pb2 as pb
 from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
-from tests.service.helpers import DEADLINE_S, WatchStream, registration, report
+from tests.service.helpers import DEADLINE_S, FakeClock, WatchStream, registration, report
 
 SHORT_TTL_S = 0.3
 WAIT_S = 20.0
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
