@@ -207,9 +207,9 @@ class ReportSender:
     def _on_registered(self, response: pb.RegisterRankResponse) -> None:
         self._outage.succeeded()
         if response.HasField("halt") and response.halt.kind == pb.SIGNAL_KIND_HALT:
-            # The run was halted before this rank registered: a new process of the job (a
-            # restarted pod starting from step 0) must not apply a single update, so the
-            # halt is due at once rather than at the step the other ranks stopped at.
+            # The run was halted before this rank registered. A new process of the job (a
+            # restarted pod that starts again at step 0) must not apply a single update,
+            # so the halt is due at once, not at the step where the other ranks stopped.
             halt = pb.Signal()
             halt.CopyFrom(response.halt)
             halt.halt_step = 0

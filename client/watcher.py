@@ -96,8 +96,9 @@ class Watcher:
             Default $NANWATCH_MAX_CONSECUTIVE_SKIPS, else 0: halt at once.
         localize: on a step that halts on this rank's own checks, replay the step to name
             the first module, parameter and operation that made NaN/Inf. Healthy steps
-            pay for references to the model inputs, a copy of the CPU RNG state and the
-            gradient of the model output, kept until the optimizer update.
+            pay for references to the model inputs, a copy of the CPU RNG state, and
+            the gradient of the model output or, for a large output with a traced loss,
+            a device flag of its finiteness, all kept until the optimizer update.
     """
 
     def __init__(

@@ -62,11 +62,11 @@ def search_backward(
     """
     result = BackwardResult(seed_nonfinite=seeds is not None and _any_nonfinite(seeds))
     handles = [node.register_hook(_node_hook(node, result, node_sites)) for node in graph_nodes(roots)]
-    wanted = [(name, tensor) for name, tensor in leaves if tensor.requires_grad]
-    handles += [tensor.register_hook(_leaf_hook(name, result)) for name, tensor in wanted]
+    grad_leaves = [(name, tensor) for name, tensor in leaves if tensor.requires_grad]
+    handles += [tensor.register_hook(_leaf_hook(name, result)) for name, tensor in grad_leaves]
     try:
-        if wanted:
-            torch.autograd.grad(list(roots), [tensor for _, tensor in wanted], grad_outputs=seeds,
+        if grad_leaves:
+            torch.autograd.grad(list(roots), [tensor for _, tensor in grad_leaves], grad_outputs=seeds,
                                 allow_unused=True)
     finally:
         for handle in handles:

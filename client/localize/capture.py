@@ -1,8 +1,9 @@
 """Per-step capture of what a replay needs: the model's inputs, RNG state, autocast state and output gradients.
 
-On a healthy step this costs a few microseconds per forward pass: references
-to the inputs (no copies), one copy of the CPU generator state, and one tensor
-hook on the model output. Everything is dropped after each optimizer update.
+A healthy step pays for references to the inputs (no copies), one copy of the
+CPU generator state, and one tensor hook on the model output: about 0.1 ms per
+step in the localization benchmark (BENCHMARKS.md). Everything is dropped after
+each optimizer update.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from nanwatch.client.localize.origins import float_tensors, has_nonfinite
 
 # Forward passes and loss calls kept per optimizer step (gradient accumulation makes several).
 MAX_CALLS_PER_STEP = 4
-# Output gradients up to this many elements are kept as they are: cheaper than the few small
-# operations of a finiteness flag. Larger ones (logits) are kept only as a flag.
+# Output gradients up to this many elements are kept as they are, which saves the few small
+# operations of a finiteness flag. Larger ones, such as logits, are kept only as a flag.
 SMALL_GRAD_ELEMENTS = 1 << 16
 
 

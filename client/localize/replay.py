@@ -56,7 +56,7 @@ class Localizer:
         self.capture = capture
 
     def localize(self, *, step: int, rank: int, loss_finite: bool, may_be_remote: bool = False) -> pb.Location | None:
-        """Return the Location of the step's first non-finite value, or None when there is nothing to say.
+        """Return the Location of the step's first non-finite value, or None when there is no location to report.
 
         None means nothing was captured to replay, or, with may_be_remote (several
         ranks, and a finite loss on this one), that the replay stayed finite: the
@@ -97,7 +97,7 @@ class Localizer:
         forward = _forward_location(replayed, loss_finite)
         backward = self._backward(call, replayed, loss_call)
         if forward is not None:
-            # Every gradient after a forward NaN is NaN; only the located module's own parameters tell more.
+            # Every gradient after a forward NaN is NaN, so only the located module's own parameters tell more.
             prefix = f"{forward.module}." if forward.module else ""
             forward.parameter = next((name for name in backward.parameters if prefix and name.startswith(prefix)), "")
             return forward

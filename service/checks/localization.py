@@ -79,17 +79,17 @@ def apply_location(report: pb.StepReport, findings: list[pb.Finding], where: Whe
     codes = _SAME_ORIGIN.get(code, frozenset())
     same = [finding for finding in findings if finding.code in codes and finding.evidence.step == where.step]
     same_ids = {id(finding) for finding in same}
-    kept = [finding for finding in findings
+    updated = [finding for finding in findings
             if id(finding) in same_ids or finding.code not in _GUESSED_CODES or finding.evidence.step != where.step]
     if same:
         for finding in same:
             _enrich(finding, location, where)
     elif code:
-        kept.append(located_finding(location, where))
-    for finding in kept:
+        updated.append(located_finding(location, where))
+    for finding in updated:
         if finding.evidence.step == where.step and not finding.evidence.HasField("location"):
             finding.evidence.location.CopyFrom(location)
-    return kept
+    return updated
 
 
 def _enrich(finding: pb.Finding, location: pb.Location, where: Where) -> None:

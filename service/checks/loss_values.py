@@ -176,8 +176,8 @@ def _backward_finding(report: pb.StepReport, facts: StepFacts, where: Where, thr
               "nonfinite_grad_count": str(report.nonfinite_grad_count)}
     if names:
         values["nonfinite_parameters"] = format_list(names, thresholds.max_listed)
-    # With several ranks the gradients may come from another rank through the all-reduce; the
-    # rank where they were born replays the step and reports a located, critical finding.
+    # With several ranks the gradients may come from another rank through the all-reduce.
+    # The rank where they were born replays the step and reports a located, critical finding.
     severity = pb.SEVERITY_WARNING if facts.world_size > 1 else pb.SEVERITY_CRITICAL
     return new_finding("LOSS_BACKWARD_NONFINITE", severity, where, message=message, fix=fix,
                        tensor=deepest, layer=layer, values=values)
