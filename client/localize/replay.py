@@ -295,26 +295,45 @@ def _set_site(location: pb.Location, site: OpSite, produced: str) -> None:
 
 def _describe_named(root: Origin, location: pb.Location) -> str:
     where = f"; the first module to return it was '{location.module}'" if location.module else ""
+    produced = _produced_words(root.produced)
     if location.phase == pb.LOCATION_PHASE_INPUT:
-        return f"The input {root.tensor} already held {root.produced} when the forward pass began{where}."
-    return f"The {root.kind} '{root.tensor}' already held {root.produced} when the step began{where}."
+        return f"The input {root.tensor} already held {produced} when the forward pass began{where}."
+    return f"The {root.kind} '{root.tensor}' already held {produced} when the step began{where}."
 
 
 def _describe_forward(location: pb.Location) -> str:
-    part = "the loss computation" if location.phase == pb.LOCATION_PHASE_LOSS_FORWARD else \
-        f"module '{location.module}' ({location.module_type})" if location.module else "the model's forward pass"
-    text = f"{location.op} at {location.source or 'an unknown line'} in {part} made {location.produced} from finite inputs"
+    if location.phase == pb.LOCATION_PHASE_LOSS_FORWARD:
+        part = "the loss computation"
+    elif location.module:
+        part = f"module '{location.module}' ({location.module_type})"
+    else:
+        part = "the model's forward pass"
+    text = f"{location.op}{_at(location.source)} in {part} made {_produced_words(location.produced)} from finite inputs"
     if location.then_op:
-        text += f"; {location.then_op} at {location.then_source} then turned it into NaN"
+        text += f"; {location.then_op}{_at(location.then_source)} then turned it into NaN"
     return text + "."
 
 
 def _describe_backward(location: pb.Location, site: OpSite | None) -> str:
-    created = f", created by {site.op} at {site.source}" if site is not None else ""
-    where = "in the loss computation" if location.phase == pb.LOCATION_PHASE_LOSS_BACKWARD else \
-        f"in module '{location.module}'" if location.module else "in the model"
+    created = f", created by {site.op}{_at(site.source)}," if site is not None else ""
+    if location.phase == pb.LOCATION_PHASE_LOSS_BACKWARD:
+        where = "in the loss computation"
+    elif location.module:
+        where = f"in module '{location.module}'"
+    else:
+        where = "in the model"
     return (f"The forward pass and the loss were finite; the backward of {location.op}{created} {where} made "
             f"the first NaN/Inf gradient from finite ones.")
+
+
+def _at(source: str) -> str:
+    """Return " at file.py:42", or "" when no line of the user's code called the operation (torch modules only)."""
+    return f" at {source}" if source else ""
+
+
+def _produced_words(produced: str) -> str:
+    """Return "inf and -inf" for the produced field "inf,-inf"."""
+    return " and ".join(produced.split(",")) if produced else "NaN/Inf"
 
 
 # ---- helpers ----

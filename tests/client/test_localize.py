@@ -225,3 +225,15 @@ def test_watched_step_one_host_sync(dead_endpoint: str) -> None:
                 step()
             counts.append(sum(counted.values()))
     assert max(counts) == 1
+
+
+def test_detail_without_user_line(dead_endpoint: str) -> None:
+    x, y = _batch()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e38)
+    location = _location(_halt(model, nn.CrossEntropyLoss(), x, y, dead_endpoint))
+    assert location.source == ""
+    assert location.module == "2"
+    assert "  " not in location.detail
+    assert " at " not in location.detail
