@@ -17,7 +17,7 @@ from torch import nn
 from benchmarks.models import Workload, count_parameters
 from benchmarks.trials import VariantResult, run_interleaved, timed_trial
 from nanwatch.client.watcher import Watcher
-from nanwatch.service.server import BackgroundService, ServiceConfig
+from benchmarks.service_throughput import ServerProcess
 
 # clip_grad_norm_ as torch ships it: a Watcher wraps the module attribute to observe clipping,
 # and the clipping variant must not pay for that wrapper.
@@ -25,7 +25,7 @@ TORCH_CLIP_GRAD_NORM = getattr(torch.nn.utils.clip_grad.clip_grad_norm_, "__wrap
                                torch.nn.utils.clip_grad.clip_grad_norm_)
 
 PLAIN = "plain step"
-WATCHER_SERVICE = "nanwatch, every step, service on 127.0.0.1"
+WATCHER_SERVICE = "nanwatch, every step, service process on 127.0.0.1"
 WATCHER_NO_SERVICE = "nanwatch, every step, no service"
 WATCHER_CHECK_BATCH = "nanwatch + check_batch every batch"
 DETECT_ANOMALY = "torch.autograd.detect_anomaly"
@@ -54,12 +54,17 @@ def free_loopback_port() -> int:
 
 
 @contextmanager
-def loopback_service() -> Iterator[BackgroundService]:
-    """Run an in-process nanwatch service on 127.0.0.1 with a temporary SQLite store."""
+def loopback_service() -> Iterator[ServerProcess]:
+    """Run the nanwatch service in its own process on 127.0.0.1, as a deployment does, with a temporary store.
+
+    The service shares the machine's cores with the training process but not its GIL.
+    """
     with tempfile.TemporaryDirectory(prefix="nanwatch-bench-") as directory:
-        config = ServiceConfig(grpc_port=0, metrics_port=0, db_path=f"{directory}/nanwatch.db", grace_s=0.5)
-        with BackgroundService(config) as service:
-            yield service
+        server = ServerProcess("nanwatch", directory)
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def build_variant(workload: Workload, name: str, endpoint: str | None, run_id: str) -> Variant:

@@ -22,8 +22,8 @@ from nanwatch.client.watcher import Watcher
 FUSED = "torch._foreach_norm(grads), float32"
 FUSED_FLOAT64 = "torch._foreach_norm(grads, dtype=float64)"
 NANWATCH_NORMS = "nanwatch foreach_norms(grads) (float32, grouped, stacked)"
-PRE_HOOK = "Watcher step pre-hook (gradient and parameter norms, one host copy, report)"
-POST_HOOK = "Watcher step post-hook (update norm every 10th step)"
+STEP_HOOKS = ("Watcher step pre- and post-hook (gradient norms, one host copy and a report every step; "
+              "parameter norms, update snapshot and update norm every 10th)")
 ALL_SUMMARIES = "all summaries of one step (pre + post hook, loss, check_batch)"
 
 
@@ -49,11 +49,16 @@ def prepare(workload: Workload) -> HotPathSetup:
                         workload=workload)
 
 
+def _step_hooks(setup: HotPathSetup) -> None:
+    """Run both optimizer step hooks; the post-hook advances the Watcher's step, so trials cover its cadences."""
+    setup.watcher.step_pre_hook(setup.optimizer, (), {})
+    setup.watcher.step_post_hook(setup.optimizer, (), {})
+
+
 def _all_summaries(setup: HotPathSetup) -> None:
     setup.watcher.check_batch(inputs=setup.workload.inputs, targets=setup.workload.targets)
     setup.watcher.observe_loss(setup.loss)
-    setup.watcher.step_pre_hook(setup.optimizer, (), {})
-    setup.watcher.step_post_hook(setup.optimizer, (), {})
+    _step_hooks(setup)
 
 
 def measure_hot_path(workload: Workload, *, rounds: int, repeats: int = 10) -> dict[str, VariantResult]:
@@ -68,8 +73,7 @@ def measure_hot_path(workload: Workload, *, rounds: int, repeats: int = 10) -> d
         FUSED: lambda: torch._foreach_norm(grads),
         FUSED_FLOAT64: lambda: torch._foreach_norm(grads, dtype=torch.float64),
         NANWATCH_NORMS: lambda: foreach_norms(grads),
-        PRE_HOOK: lambda: watcher.step_pre_hook(optimizer, (), {}),
-        POST_HOOK: lambda: watcher.step_post_hook(optimizer, (), {}),
+        STEP_HOOKS: lambda: _step_hooks(setup),
         ALL_SUMMARIES: lambda: _all_summaries(setup),
     }
     try:

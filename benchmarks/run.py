@@ -202,7 +202,7 @@ def scaling_section(config: Config) -> tuple[list[report.Table], list[scaling.Si
     points = scaling.measure_model_sizes(config.model_sizes, rounds=config.scaling_rounds,
                                          steps=config.overhead_steps)
     table = report.Table(
-        title="Client overhead against model size (MLP, batch 32, service on 127.0.0.1)",
+        title="Client overhead against model size (MLP, batch 32, service process on 127.0.0.1)",
         headers=("parameters", "plain step", "nanwatch step", "ratio", "added per step", "added per 1M parameters"),
         notes=[f"{config.scaling_rounds} rounds x {config.overhead_steps} steps per variant."],
     )

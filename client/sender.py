@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 5.0
 _POLL_S = 0.05
+# Reports per Watch message at most; a ReportBatch of this many healthy reports is a few tens of KiB.
+MAX_REPORTS_PER_MESSAGE = 64
 
 
 class ReportSender:
@@ -25,7 +27,14 @@ class ReportSender:
 
     enqueue() is O(1) and never blocks on the network: reports wait in a bounded
     deque, and when it is full the oldest report is dropped and counted. The count
-    goes out in StepReport.dropped_reports. On any RpcError the thread logs one
+    goes out in StepReport.dropped_reports.
+
+    A healthy report waits up to max_report_delay_s, so the reports of fast steps
+    leave together in one ReportBatch message. Each gRPC message costs the
+    training process about 0.3 ms of Python time on gRPC's threads, which competes
+    with the training thread for the GIL; one message per 10 ms step added about
+    4% to a small MLP's step. An urgent report (a halt or a skipped update) goes
+    out at once, with the reports queued before it. On any RpcError the thread logs one
     warning per outage, waits with exponential backoff and jitter, registers again
     with the same client_id and resumes sending the reports still buffered.
 
@@ -37,14 +46,18 @@ class ReportSender:
     def __init__(
         self, *, endpoint: str, register_request: pb.RegisterRankRequest, max_queued_reports: int,
         security: ChannelSecurity | None = None, fail_closed_after_s: float | None = None,
+        max_report_delay_s: float = 0.0,
     ) -> None:
         self.endpoint = endpoint
+        self._max_delay_s = max_report_delay_s
         self._request = register_request
         self._max_queued = max_queued_reports
         self._security = security
         self._fail_closed_after_s = fail_closed_after_s
         self._unreachable_since: float | None = time.monotonic()
         self._queue: collections.deque[pb.StepReport] = collections.deque()
+        self._oldest_queued_at = 0.0
+        self._urgent = False
         self._cond = threading.Condition()
         self._dropped = 0
         self._closing = False
@@ -97,8 +110,11 @@ class ReportSender:
         # halt_step 0 is due at once: the ranks stop at the step they are checking.
         return pb.Signal(kind=pb.SIGNAL_KIND_HALT, run_id=self._request.run_id, halt_step=0, reason=reason)
 
-    def enqueue(self, report: pb.StepReport) -> None:
-        """Buffer report for sending; drops the oldest buffered report when the buffer is full."""
+    def enqueue(self, report: pb.StepReport, *, urgent: bool = False) -> None:
+        """Buffer report for sending; drops the oldest buffered report when the buffer is full.
+
+        An urgent report is sent at once; others wait up to max_report_delay_s.
+        """
         with self._cond:
             if len(self._queue) >= self._max_queued:
                 self._queue.popleft()
@@ -106,8 +122,13 @@ class ReportSender:
                 if self._dropped & (self._dropped - 1) == 0:  # logs at 1, 2, 4, 8, ... drops
                     logger.warning("nanwatch rank %d: report buffer full (%d reports); %d reports dropped so far",
                                    self._request.rank, self._max_queued, self._dropped)
+            if not self._queue:
+                self._oldest_queued_at = time.monotonic()
             self._queue.append(report)
-            self._cond.notify_all()
+            self._urgent = self._urgent or urgent
+            # The request generator sleeps until the oldest report is due; wake it only when that changes.
+            if len(self._queue) == 1 or urgent or len(self._queue) >= MAX_REPORTS_PER_MESSAGE:
+                self._cond.notify_all()
 
     def wait_for_halt(self, timeout_s: float) -> bool:
         """Wait up to timeout_s for a HALT signal; returns False at once while not connected."""
@@ -192,15 +213,39 @@ class ReportSender:
         yield pb.WatchRequest(start=start)
         while True:
             with self._cond:
-                while not (self._queue or self._closing or self._stopping.is_set() or session_over.is_set()):
-                    self._cond.wait()
+                while not (self._stopping.is_set() or session_over.is_set()):
+                    wait_s = self._wait_before_sending_s()
+                    if wait_s == 0.0:
+                        break
+                    self._cond.wait(wait_s)
                 if not self._queue or self._stopping.is_set() or session_over.is_set():
                     return
-                report = self._queue.popleft()
-                report.dropped_reports = self._dropped
+                count = min(len(self._queue), MAX_REPORTS_PER_MESSAGE)
+                reports = [self._queue.popleft() for _ in range(count)]
+                for report in reports:
+                    report.dropped_reports = self._dropped
+                self._urgent = self._urgent and bool(self._queue)
+                self._oldest_queued_at = time.monotonic()
                 self._cond.notify_all()
-            report.sent_unix_s = time.time()
-            yield pb.WatchRequest(report=report)
+            sent_at = time.time()
+            for report in reports:
+                report.sent_unix_s = sent_at
+            if len(reports) == 1:
+                yield pb.WatchRequest(report=reports[0])
+            else:
+                yield pb.WatchRequest(reports=pb.ReportBatch(reports=reports))
+
+    def _wait_before_sending_s(self) -> float | None:
+        """Return 0.0 when the queued reports are due (or the stream should end), else how long to wait.
+
+        None means wait for a notification: the queue is empty. Called with the lock held.
+        """
+        if not self._queue:
+            return 0.0 if self._closing else None
+        if self._closing or self._urgent or len(self._queue) >= MAX_REPORTS_PER_MESSAGE:
+            return 0.0
+        remaining = self._oldest_queued_at + self._max_delay_s - time.monotonic()
+        return max(remaining, 0.0)
 
     # ---- responses ----
 

@@ -94,9 +94,14 @@ def resolve_amp_dtype(amp_dtype: torch.dtype | str | None) -> torch.dtype | None
 
 def validate_limits(
     *, max_queued_reports: int, flush_timeout_s: float, halt_exit_code: int | None,
-    fail_closed_after_s: float | None = None,
+    fail_closed_after_s: float | None = None, max_report_delay_s: float = 0.0,
 ) -> None:
     """Raise ValueError naming the first Watcher limit that is out of range."""
+    if not 0.0 <= max_report_delay_s <= 60.0:
+        raise ValueError(
+            f"max_report_delay_s={max_report_delay_s} is outside 0..60; give the seconds a healthy step's report "
+            "may wait to share a message with later ones (0 sends every report at once)"
+        )
     if fail_closed_after_s is not None and not fail_closed_after_s > 0:
         raise ValueError(
             f"fail_closed_after_s={fail_closed_after_s} is invalid; give the seconds of outage after which "

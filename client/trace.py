@@ -11,13 +11,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from nanwatch.client.localize.guard import replaying
-from nanwatch.client.localize.origins import float_tensors, has_nonfinite
+from nanwatch.client.localize.origins import float_tensors
 from nanwatch.client.summaries import dtype_name, stats_dtype
 from nanwatch.v1 import nanwatch_pb2 as pb
 
 # A model that loops over a leaf module many times per forward pass would otherwise grow
 # the trace without bound.
 MAX_TRACE_CALLS = 10_000
+# Output minima and maxima kept between two optimizer steps before they fold into one pair.
+MAX_KEPT_EXTREMES = 64
 # Layout of one row of ForwardTrace.activation_stats.
 ACTIVATION_STAT_NAMES = ("numel", "std", "max_abs", "nonfinite_count", "saturated_fraction",
                          "input_nan_count", "input_inf_count")
@@ -69,9 +71,10 @@ class ForwardTrace:
 
     First pass only (one-shot hooks removed when the root module returns): the
     order of leaf modules (modules without children), one ACTIVATION_STAT_NAMES
-    row per leaf call, the autocast dtype and the output shape. Every pass: a
-    device-side flag that a model output held NaN or Inf, read and cleared once
-    per optimizer step by take_output_flag().
+    row per leaf call, the autocast dtype and the output shape. Every pass: the
+    minimum and maximum of the model output, kept on the device and read and
+    cleared once per optimizer step by take_output_extremes(). They are non-finite
+    exactly when the output contains NaN or Inf, since amin and amax propagate NaN.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -80,7 +83,7 @@ class ForwardTrace:
         self.autocast_dtype = ""
         self.output_shape: list[int] = []
         self.activation_rows: list[torch.Tensor] = []
-        self._output_nonfinite: torch.Tensor | None = None
+        self._output_extremes: list[torch.Tensor] = []
         self._first_handles: list[RemovableHandle] = []
         for name, module in model.named_modules():
             if next(module.children(), None) is None:
@@ -120,16 +123,22 @@ class ForwardTrace:
         tensor = first_tensor(output)
         if tensor is None or replaying():
             return
-        bad = has_nonfinite(tensor.detach())
-        if bad is None:
+        if tensor.numel() == 0:
             return
-        flag = self._output_nonfinite
-        self._output_nonfinite = bad if flag is None else torch.logical_or(flag, bad.to(flag.device))
+        # One reduction and no device-side flag: the host reads the extremes with the step's other values.
+        self._output_extremes += torch.aminmax(tensor.detach())
+        if len(self._output_extremes) > MAX_KEPT_EXTREMES:
+            # Forward passes without an optimizer step (evaluation) fold into one pair.
+            self._output_extremes = list(torch.aminmax(_join(self._output_extremes)))
 
-    def take_output_flag(self) -> torch.Tensor | None:
-        """Return the device flag "some model output of this step was non-finite" and clear it; None without a forward pass."""
-        flag, self._output_nonfinite = self._output_nonfinite, None
-        return flag
+    def take_output_extremes(self) -> torch.Tensor | None:
+        """Return the minima and maxima of this step's model outputs as one device vector and clear them.
+
+        None without a forward pass since the last call. A value is non-finite exactly
+        when an output held NaN or Inf.
+        """
+        extremes, self._output_extremes = self._output_extremes, []
+        return _join(extremes) if extremes else None
 
     def activation_stats(self) -> torch.Tensor | None:
         """Return the activation rows stacked on the first row's device, or None when there are none."""
@@ -160,6 +169,14 @@ class ForwardTrace:
         if self._output_handle is not None:
             self._output_handle.remove()
             self._output_handle = None
+
+
+def _join(values: list[torch.Tensor]) -> torch.Tensor:
+    """Return the 0-d tensors in values as one vector on the first one's device, in a common dtype."""
+    device, dtype = values[0].device, values[0].dtype
+    if any(value.device != device or value.dtype != dtype for value in values):
+        values = [value.to(device=device, dtype=torch.float32) for value in values]
+    return torch.stack(values)
 
 
 def _as_count(value: float) -> int:

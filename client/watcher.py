@@ -99,6 +99,10 @@ class Watcher:
             pay for references to the model inputs, a copy of the CPU RNG state, and
             the gradient of the model output or, for a large output with a traced loss,
             a device flag of its finiteness, all kept until the optimizer update.
+        max_report_delay_s: how long a healthy step's report may wait so that it goes
+            to the service in one message with the next ones (default 0.1). The
+            reports of a halt or a skipped update go at once. 0 sends every report
+            at once, which costs about 0.3 ms of gRPC work per step.
     """
 
     def __init__(
@@ -126,11 +130,13 @@ class Watcher:
         fail_closed_after_s: float | None = None,
         max_consecutive_skips: int | None = None,
         localize: bool = True,
+        max_report_delay_s: float = 0.1,
     ) -> None:
         # Validate everything before installing any hook or thread.
         _check_types(model, optimizer, loss_fn)
         validate_limits(max_queued_reports=max_queued_reports, flush_timeout_s=flush_timeout_s,
-                        halt_exit_code=halt_exit_code, fail_closed_after_s=fail_closed_after_s)
+                        halt_exit_code=halt_exit_code, fail_closed_after_s=fail_closed_after_s,
+                        max_report_delay_s=max_report_delay_s)
         security = resolve_channel_security(tls_ca=tls_ca, token=token)
         self._skips = SkipPolicy(resolve_max_consecutive_skips(max_consecutive_skips))
         self._optimizer = optimizer
@@ -175,7 +181,7 @@ class Watcher:
         # Background senders.
         self._sender = ReportSender(endpoint=self._endpoint, register_request=request,
                                     max_queued_reports=max_queued_reports, security=security,
-                                    fail_closed_after_s=fail_closed_after_s)
+                                    fail_closed_after_s=fail_closed_after_s, max_report_delay_s=max_report_delay_s)
         self._sender.start()
         self._batch_sender: BatchSender | None = None
         if send_batches:
@@ -279,7 +285,7 @@ class Watcher:
                                halted_locally=True)
         report.client_finding.CopyFrom(finding)
         report.loss_function = self._late_loss_function
-        self._sender.enqueue(report)
+        self._sender.enqueue(report, urgent=True)
         self._stop(HaltDecision(step=self._step, reason=reason, source="local", finding=finding, codes=[]))
 
     def close(self) -> None:
@@ -332,7 +338,7 @@ class Watcher:
             outcome.halt.reason += f" after {count} skipped update{'' if count == 1 else 's'} in a row"
         if outcome.halt is not None and self._own_values_nonfinite(outcome.halt):
             self._localize(outcome)
-        self._sender.enqueue(outcome.report)
+        self._sender.enqueue(outcome.report, urgent=outcome.halt is not None)
         if outcome.halt is not None:
             self._stop(outcome.halt)
 
@@ -342,7 +348,7 @@ class Watcher:
         outcome.report.halted_locally = False
         outcome.report.update_skipped = True
         outcome.report.consecutive_skips = self._skips.consecutive
-        self._sender.enqueue(outcome.report)
+        self._sender.enqueue(outcome.report, urgent=True)
 
     def step_post_hook(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
         """Count the applied update and measure the parameters after it (an optimizer step post-hook)."""

@@ -96,11 +96,23 @@ class NanwatchServicer(pb_grpc.NanwatchServicer):
             async for message in request_iterator:
                 if isinstance(message, MalformedRequest):
                     raise message.error()
-                if message.WhichOneof("kind") != "report":
+                kind = message.WhichOneof("kind")
+                if kind == "report":
+                    self.supervisor.process_report(run, rank, message.report)
+                elif kind == "reports":
+                    # In order, so that a bad report ends the stream after the good ones before it are kept.
+                    for report in message.reports.reports:
+                        self.supervisor.process_report(run, rank, report)
+                elif kind == "start":
                     raise RequestError(
                         grpc.StatusCode.INVALID_ARGUMENT, "only the first message on a Watch stream may be `start`"
                     )
-                self.supervisor.process_report(run, rank, message.report)
+                else:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "a Watch message after `start` must set `report` or `reports`; this one sets neither "
+                        "(a client newer than this service may send kinds it does not know; upgrade the service)",
+                    )
         except RequestError as error:
             self.supervisor.metrics.rpc_errors.labels("Watch", error.code.name).inc()
             logger.warning("Watch stream rejected a report rank=%d: %s", rank, error.message)

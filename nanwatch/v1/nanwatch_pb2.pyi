@@ -389,12 +389,20 @@ class WatchStart(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("start", "report")
+    __slots__ = ("start", "report", "reports")
     START_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
     start: WatchStart
     report: StepReport
-    def __init__(self, start: _Optional[_Union[WatchStart, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
+    reports: ReportBatch
+    def __init__(self, start: _Optional[_Union[WatchStart, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., reports: _Optional[_Union[ReportBatch, _Mapping]] = ...) -> None: ...
+
+class ReportBatch(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[StepReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ...) -> None: ...
 
 class Signal(_message.Message):
     __slots__ = ("kind", "run_id", "halt_step", "reason", "finding")

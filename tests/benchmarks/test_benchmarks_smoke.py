@@ -75,3 +75,15 @@ def test_localization_rows_present() -> None:
     for variant in localization.VARIANTS:
         assert f"| {variant} |" in table
     assert "| one localization of a failing step (replay) |" in table
+
+
+def test_client_revisions_table_has_both_revisions() -> None:
+    from benchmarks import client_revisions
+
+    results = client_revisions.compare("HEAD", "mlp", rounds=1, tiny=True)
+    table = client_revisions.render_table("mlp", results, rounds=1)
+    assert "| HEAD (before) |" in table
+    assert f"| {client_revisions.AFTER} |" in table
+    for times in results:
+        assert len(times.ratios()) == 1
+        assert times.ratios()[0] > 0

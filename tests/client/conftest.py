@@ -59,6 +59,7 @@ class TinyServicer(pb_grpc.NanwatchServicer):
         self.registrations: list[pb.RegisterRankRequest] = []
         self.starts: list[pb.WatchStart] = []
         self.reports: list[pb.StepReport] = []
+        self.messages_with_reports = 0
         self.batches: list[pb.CheckBatchRequest] = []
         self.halt_after_step: int | None = None
         self.halt_step = 0
@@ -80,10 +81,12 @@ class TinyServicer(pb_grpc.NanwatchServicer):
             if request.HasField("start"):
                 self.starts.append(request.start)
                 continue
+            reports = [request.report] if request.HasField("report") else list(request.reports.reports)
             with self.report_seen:
-                self.reports.append(request.report)
+                self.reports += reports
+                self.messages_with_reports += 1
                 self.report_seen.notify_all()
-            if self.halt_after_step is not None and request.report.step >= self.halt_after_step:
+            if self.halt_after_step is not None and reports[-1].step >= self.halt_after_step:
                 self.halt_after_step = None
                 yield pb.Signal(kind=pb.SIGNAL_KIND_HALT, run_id="t", halt_step=self.halt_step, reason="operator halt")
 

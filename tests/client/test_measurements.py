@@ -63,15 +63,34 @@ def test_trace_autocast_seen() -> None:
     trace.remove()
 
 
-def test_output_flag_per_step() -> None:
+def _output_finite(trace: ForwardTrace) -> bool | None:
+    extremes = trace.take_output_extremes()
+    return None if extremes is None else bool(torch.isfinite(extremes).all())
+
+
+def test_output_extremes_per_step() -> None:
     model = _model()
     trace = ForwardTrace(model)
-    assert trace.take_output_flag() is None
+    assert _output_finite(trace) is None
     model(torch.randn(2, 4))
-    assert not bool(trace.take_output_flag())
+    assert _output_finite(trace)
     model(torch.full((2, 4), math.nan))
-    assert bool(trace.take_output_flag())
-    assert trace.take_output_flag() is None
+    model(torch.randn(2, 4))
+    assert not _output_finite(trace)
+    assert _output_finite(trace) is None
+    trace.remove()
+
+
+def test_output_extremes_fold_over_many_passes() -> None:
+    model = _model()
+    trace = ForwardTrace(model)
+    with torch.no_grad():
+        model(torch.full((2, 4), math.inf))
+        for _ in range(200):
+            model(torch.randn(2, 4))
+    extremes = trace.take_output_extremes()
+    assert extremes is not None and extremes.numel() <= 66
+    assert not bool(torch.isfinite(extremes).all())
     trace.remove()
 
 
@@ -327,3 +346,60 @@ def test_step_one_host_sync() -> None:
             checker.after_update()
         counts.append(sum(counted.values()))
     assert max(counts) == 1
+
+
+def test_parameter_norms_measured_on_their_steps() -> None:
+    model = _model()
+    checker, optimizer = _step_checker(model)
+    measured = []
+    for step in range(12):
+        outcome = _checked_step(checker, model, step)
+        optimizer.step()
+        checker.after_update()
+        measured.append(outcome.report.param_norm > 0.0)
+    # Step 0, then the step after each update-norm snapshot; 0 is "not measured" in the API.
+    assert [step for step, yes in enumerate(measured) if yes] == [0, 1, 11]
+
+
+@pytest.mark.parametrize("agreement", [Agreement(), _Exchanging()], ids=["host", "device"])
+def test_failing_step_measures_the_parameters(agreement: Agreement) -> None:
+    model = _model()
+    checker, _ = _step_checker(model, agreement)
+    with torch.no_grad():
+        model[2].bias[0] = math.inf
+    outcome = _checked_step(checker, model, step=5)
+    assert outcome.halt is not None
+    assert "non-finite parameters" in outcome.halt.reason
+    assert "2.bias" in outcome.halt.reason
+    assert math.isinf(outcome.report.param_norm)
+
+
+def test_poisoned_parameters_found_at_the_next_step() -> None:
+    model = _model()
+    checker, optimizer = _step_checker(model)
+    for step in range(5):
+        assert _checked_step(checker, model, step).halt is None
+        optimizer.step()
+        checker.after_update()
+    with torch.no_grad():
+        model[0].weight[1, 2] = math.nan  # an update that poisoned the weights, as Adam with eps=0 can
+    outcome = _checked_step(checker, model, 5)
+    assert outcome.halt is not None
+    assert "non-finite parameters" in outcome.halt.reason
+    assert "0.weight" in outcome.halt.reason
+
+
+def test_update_snapshot_reuses_cpu_buffer() -> None:
+    tensors = [torch.randn(3, 4), torch.randn(5)]
+    first = UpdateSnapshot(tensors)
+    first.update_norm([tensor + 1.0 for tensor in tensors])
+    pool = first.kept_cpu_buffers()
+    (buffer,) = pool.values()
+    second = UpdateSnapshot(tensors, pool=pool)
+    assert second.kept_cpu_buffers()[(torch.device("cpu"), torch.float32)] is buffer
+    assert second.update_norm([tensor + 2.0 for tensor in tensors]).item() == pytest.approx(2.0 * math.sqrt(17))
+
+
+def test_update_snapshot_large_buffer_not_kept() -> None:
+    snapshot = UpdateSnapshot([torch.randn(1000)])
+    assert snapshot.kept_cpu_buffers(max_bytes=100) == {}

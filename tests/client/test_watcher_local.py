@@ -141,6 +141,13 @@ def test_invalid_run_id_rejected(net, dead_endpoint, run_id) -> None:  # type: i
         Watcher(net, optimizer, run_id=run_id, endpoint=dead_endpoint)
 
 
+@pytest.mark.parametrize("delay_s", [-0.1, 61.0, float("nan")])
+def test_invalid_report_delay_rejected(net, dead_endpoint, delay_s) -> None:  # type: ignore[no-untyped-def]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="max_report_delay_s"):
+        Watcher(net, optimizer, endpoint=dead_endpoint, max_report_delay_s=delay_s)
+
+
 def test_loss_module_hook_removed_on_close(net, dead_endpoint) -> None:  # type: ignore[no-untyped-def]
     criterion = torch.nn.MSELoss()
     watcher, optimizer = make_watcher(net, dead_endpoint, criterion)

@@ -91,6 +91,33 @@ def test_halt_report_reaches_server(net, tiny_server) -> None:  # type: ignore[n
     assert list(last.batch[0].nonfinite_sample_indices) == [3]
 
 
+def test_fast_steps_share_messages_in_order(net, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    servicer, endpoint = tiny_server
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    with Watcher(net, optimizer, endpoint=endpoint, run_id="batched", max_report_delay_s=0.5) as watcher:
+        run_steps(watcher, net, optimizer, 20)
+    assert servicer.wait_for(lambda: len(servicer.reports) >= 20)
+    assert [report.step for report in servicer.reports] == list(range(20))
+    assert servicer.messages_with_reports <= 4
+
+
+def test_halt_report_sent_without_delay(net, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    servicer, endpoint = tiny_server
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    # Healthy reports wait up to 60 s; the halt report must not, nor the reports queued before it.
+    watcher = Watcher(net, optimizer, endpoint=endpoint, run_id="urgent", max_report_delay_s=60.0,
+                      flush_timeout_s=0.5)
+    run_steps(watcher, net, optimizer, 3)
+    x, _ = batch(nan_at=(0, 1))
+    watcher.check_batch(inputs=x)
+    with pytest.raises(HaltError):
+        run_steps(watcher, net, optimizer, 1)
+    assert servicer.wait_for(lambda: len(servicer.reports) >= 4)
+    assert [report.step for report in servicer.reports] == [0, 1, 2, 3]
+    assert servicer.reports[-1].halted_locally
+    watcher.close()
+
+
 def test_send_batches_sends_bfloat16(net, tiny_server) -> None:  # type: ignore[no-untyped-def]
     servicer, endpoint = tiny_server
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)

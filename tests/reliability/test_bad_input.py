@@ -227,6 +227,28 @@ def test_watch_second_start_rejected(stub: pb_grpc.NanwatchStub) -> None:
     assert "first message" in error.details()
 
 
+def test_watch_batch_with_bad_report_keeps_the_reports_before_it(stub: pb_grpc.NanwatchStub) -> None:
+    stub.RegisterRank(registration("batch-bad"), timeout=DEADLINE_S)
+    reports = pb.ReportBatch(reports=[report(0), report(1, loss=2.5), _bad_report(step=-4), report(3)])
+    messages = [pb.WatchRequest(start=pb.WatchStart(run_id="batch-bad", rank=0, client_id="client-0")),
+                pb.WatchRequest(reports=reports)]
+    error = _rpc_error(lambda: list(stub.Watch(iter(messages), timeout=DEADLINE_S)))
+    assert error.code() == INVALID
+    assert "report.step" in error.details()
+    status = stub.GetRunStatus(pb.GetRunStatusRequest(run_id="batch-bad"), timeout=DEADLINE_S)
+    assert status.summary.last_step == 1
+    assert status.ranks[0].last_loss == 2.5
+
+
+def test_watch_message_without_kind_rejected(stub: pb_grpc.NanwatchStub) -> None:
+    stub.RegisterRank(registration("no-kind"), timeout=DEADLINE_S)
+    messages = [pb.WatchRequest(start=pb.WatchStart(run_id="no-kind", rank=0, client_id="client-0")),
+                pb.WatchRequest()]
+    error = _rpc_error(lambda: list(stub.Watch(iter(messages), timeout=DEADLINE_S)))
+    assert error.code() == INVALID
+    assert "`report` or `reports`" in error.details()
+
+
 # ---- CheckBatch ----
 
 def _batch(*tensors: pb.Tensor, step: int = 0, run_id: str = KEPT_RUN) -> pb.CheckBatchRequest:

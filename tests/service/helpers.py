@@ -99,6 +99,9 @@ class WatchStream:
     def send(self, step_report: pb.StepReport) -> None:
         self._outgoing.put(pb.WatchRequest(report=step_report))
 
+    def send_batch(self, step_reports: list[pb.StepReport]) -> None:
+        self._outgoing.put(pb.WatchRequest(reports=pb.ReportBatch(reports=step_reports)))
+
     def next_signal(self, timeout_s: float = DEADLINE_S) -> pb.Signal:
         return self.signals.get(timeout=timeout_s)
 

@@ -74,6 +74,21 @@ def test_nonfinite_loss_halts_every_rank(stub: pb_grpc.NanwatchStub) -> None:
         stream.close()
 
 
+def test_report_batch_checked_in_order(stub: pb_grpc.NanwatchStub) -> None:
+    stub.RegisterRank(registration("batched"), timeout=DEADLINE_S)
+    stream = WatchStream(stub, "batched", 0)
+    stream.send_batch([report(0), report(1), report(2, loss=float("nan")), report(3)])
+    signal = stream.next_signal()
+    assert signal.kind == pb.SIGNAL_KIND_HALT
+    assert signal.halt_step == 2
+    stream.close()
+    assert stream.error is None
+    status = stub.GetRunStatus(pb.GetRunStatusRequest(run_id="batched"), timeout=DEADLINE_S)
+    assert status.summary.halt_step == 2
+    assert status.summary.last_step == 3
+    assert "LOSS_NONFINITE" in {finding.code for finding in status.findings}
+
+
 def test_check_batch_nan_names_tensor_and_samples(stub: pb_grpc.NanwatchStub) -> None:
     stub.RegisterRank(registration("batch-1"), timeout=DEADLINE_S)
     inputs = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
