@@ -368,9 +368,9 @@ class UpdateSnapshot:
         reused one on the benchmark machine (1 thread). The CUDA caching allocator reuses freed blocks already, so
         GPU buffers are not kept.
         """
-        kept = {key: buffer for key, buffer in self._flat.items() if buffer.device.type == "cpu"}
-        size = sum(buffer.numel() * buffer.element_size() for buffer in kept.values())
-        return kept if size <= max_bytes else {}
+        reusable = {key: buffer for key, buffer in self._flat.items() if buffer.device.type == "cpu"}
+        size = sum(buffer.numel() * buffer.element_size() for buffer in reusable.values())
+        return reusable if size <= max_bytes else {}
 
 
 def total_norm(norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:

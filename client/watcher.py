@@ -336,6 +336,7 @@ class Watcher:
         elif self._skips.consecutive:
             count = self._skips.consecutive
             outcome.halt.reason += f" after {count} skipped update{'' if count == 1 else 's'} in a row"
+            outcome.report.consecutive_skips = count
         if outcome.halt is not None and self._own_values_nonfinite(outcome.halt):
             self._localize(outcome)
         self._sender.enqueue(outcome.report, urgent=outcome.halt is not None)

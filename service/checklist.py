@@ -17,7 +17,8 @@ def build_checklist(findings: Sequence[pb.Finding], evaluated_codes: set[str]) -
     check has had input (its code is in evaluated_codes, or it has only INFO
     findings), else NOT_RUN. FAIL and WARN rows carry a summary of their worst
     finding (critical first, then the earliest step, then the lowest rank) and
-    that finding's fix.
+    that finding's fix. A PASS row with INFO findings carries the summary of the
+    earliest one, prefixed "info: ", so that a reader sees why the check noted it.
     """
     by_code: dict[str, list[pb.Finding]] = {}
     for finding in findings:
@@ -34,6 +35,8 @@ def _build_row(spec: CheckSpec, findings: list[pb.Finding], evaluated_codes: set
         row.state = pb.CHECK_STATE_WARN
     elif findings or spec.code in evaluated_codes:
         row.state = pb.CHECK_STATE_PASS
+        if worst is not None:
+            row.evidence = f"info: {summarize(worst, len(findings))}"
         return row
     else:
         row.state = pb.CHECK_STATE_NOT_RUN

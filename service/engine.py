@@ -398,8 +398,7 @@ class CheckEngine:
         if gradient_bad and rank.is_clipping and rank.first_time("GRAD_CLIP_NONFINITE"):
             findings.append(gradient_trends.clip_nonfinite_finding(report, rank.clip_max_norm, where))
         if gradient_bad and not rank.is_clipping and rank.first_time("GRAD_NO_CLIPPING"):
-            healthy = [norm for norm in rank.grad_norms if norm > 0.0]
-            findings.append(gradient_trends.no_clipping_finding(healthy, "non-finite gradients", where))
+            findings.append(gradient_trends.no_clipping_finding(list(rank.grad_norms), "non-finite gradients", where))
         return findings
 
 

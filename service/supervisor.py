@@ -188,11 +188,13 @@ class Supervisor:
         if halted_locally and report.HasField("client_finding"):
             findings += _accepted_client_finding(run.run_id, rank, report)
         recorded = self._record_findings(findings)
+        skips = _skipped_before(report) if halted_locally else ""
         if recorded:
-            self._halt_on_critical(run.run_id, recorded, step=report.step)
+            self._halt_on_critical(run.run_id, recorded, step=report.step, note=skips)
         if halted_locally:
+            reason = f"rank {rank} stopped at step {report.step} on its own checks"
             self._halt(run.run_id, step=report.step, first_rank=rank, source=HALT_SOURCE_CLIENT,
-                       reason=f"rank {rank} stopped at step {report.step} on its own checks")
+                       reason=f"{reason} {skips}" if skips else reason)
             self._record_stop_step(run.run_id, report.step)
         if recorded or report.step % 50 == 0 or report.forward_trace:
             self._persist_progress(run.run_id)
@@ -364,13 +366,15 @@ class Supervisor:
             )
         return recorded
 
-    def _halt_on_critical(self, run_id: str, findings: Sequence[pb.Finding], *, step: int) -> None:
+    def _halt_on_critical(self, run_id: str, findings: Sequence[pb.Finding], *, step: int, note: str = "") -> None:
+        """Halt the run on its first critical finding; note (such as the skipped updates before it) ends the reason."""
         critical = [finding for finding in findings if finding.severity == pb.SEVERITY_CRITICAL]
         if not critical:
             return
         first = critical[0]
+        reason = f"{first.code} on rank {first.evidence.rank}: {first.message}"
         self._halt(run_id, step=step, first_rank=first.evidence.rank, source=HALT_SOURCE_FINDING,
-                   reason=f"{first.code} on rank {first.evidence.rank}: {first.message}")
+                   reason=f"{reason} ({note})" if note else reason)
 
     def _halt(self, run_id: str, *, step: int, first_rank: int, source: str, reason: str) -> None:
         """Record the run's halt (the first one wins) and send HALT to every connected rank.
@@ -493,3 +497,11 @@ def _halt_signal(halt: HaltRecord) -> pb.Signal:
     if halt.finding is not None:
         signal.finding.CopyFrom(halt.finding)
     return signal
+
+
+def _skipped_before(report: pb.StepReport) -> str:
+    """Return "after N skipped updates in a row" for a halting report that the skip policy came before, else ""."""
+    skips = report.consecutive_skips
+    if skips <= 0:
+        return ""
+    return f"after {skips} skipped update{'' if skips == 1 else 's'} in a row"

@@ -53,19 +53,41 @@ def suggest_max_norm(healthy_norms: Sequence[float]) -> float:
     return 2.0 * statistics.quantiles(finite, n=10, method="inclusive")[-1]
 
 
-def no_clipping_finding(healthy_norms: Sequence[float], trigger: str, where: Where) -> pb.Finding:
-    """Build the GRAD_NO_CLIPPING advice, sent once when a gradient problem shows up in a run without clipping."""
-    max_norm = suggest_max_norm(healthy_norms)
+# A norm above this multiple of the lower quartile of a rank's recent norms counts as exploding.
+EXPLODING_OVER_LOWER_QUARTILE = 10.0
+
+
+def healthy_norms(norms: Sequence[float]) -> list[float]:
+    """Return the finite positive norms at most EXPLODING_OVER_LOWER_QUARTILE times their lower quartile.
+
+    A run that diverged before its gradients turned non-finite ends its history with
+    norms that grew by orders of magnitude. A threshold taken from those would clip nothing.
+    """
+    finite = [norm for norm in norms if math.isfinite(norm) and norm > 0.0]
+    if len(finite) < 4:
+        return finite
+    lower_quartile = statistics.quantiles(finite, n=4, method="inclusive")[0]
+    return [norm for norm in finite if norm <= EXPLODING_OVER_LOWER_QUARTILE * lower_quartile]
+
+
+def no_clipping_finding(recent_norms: Sequence[float], trigger: str, where: Where) -> pb.Finding:
+    """Build the GRAD_NO_CLIPPING advice, sent once when a gradient problem shows up in a run without clipping.
+
+    The suggested max_norm comes from the recent norms without the exploding ones (see healthy_norms).
+    """
+    healthy = healthy_norms(recent_norms)
+    max_norm = suggest_max_norm(healthy)
     message = (
         f"Rank {where.rank} trains without gradient clipping and showed {trigger} at step {where.step}; "
         f"the healthy gradient norms so far had a median of "
-        f"{format_number(statistics.median(healthy_norms)) if healthy_norms else 'n/a'}."
+        f"{format_number(statistics.median(healthy)) if healthy else 'n/a'}."
     )
     fix = (
         f"Call torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={format_number(max_norm)}) "
         f"between loss.backward() and optimizer.step() (twice the 90th percentile of the healthy norms)."
     )
-    values = {"suggested_max_norm": format_number(max_norm), "healthy_norms": str(len(healthy_norms))}
+    values = {"suggested_max_norm": format_number(max_norm), "healthy_norms": str(len(healthy)),
+              "exploding_norms": str(len(recent_norms) - len(healthy))}
     return new_finding("GRAD_NO_CLIPPING", pb.SEVERITY_INFO, where, message=message, fix=fix, values=values)
 
 

@@ -176,3 +176,4 @@ def test_torchrun_ranks_halt_after_limit(tmp_path: pathlib.Path, service: object
         status = pb_grpc.NanwatchStub(channel).GetRunStatus(pb.GetRunStatusRequest(run_id="skip-halt"))
     assert status.summary.halted
     assert status.summary.halt_step == 4
+    assert "after 2 skipped updates in a row" in status.halt_reason

@@ -60,4 +60,12 @@ def test_critical_beats_warning() -> None:
 
 def test_info_only_passes() -> None:
     finding = new_finding("GRAD_EXPLODING", pb.SEVERITY_INFO, Where(run_id="r", rank=0, step=1), message="i", fix="")
-    assert _rows([finding], set())["GRAD_EXPLODING"].state == pb.CHECK_STATE_PASS
+    row = _rows([finding], set())["GRAD_EXPLODING"]
+    assert row.state == pb.CHECK_STATE_PASS
+    assert row.evidence.startswith("info: rank 0, step 1")
+
+
+def test_plain_pass_has_no_evidence() -> None:
+    row = _rows([], {"GRAD_EXPLODING"})["GRAD_EXPLODING"]
+    assert row.state == pb.CHECK_STATE_PASS
+    assert row.evidence == ""

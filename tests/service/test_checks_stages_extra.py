@@ -219,6 +219,15 @@ def test_grad_growth(norms: list[float], expected: bool) -> None:
     assert gradient_trends.is_growing(norms, THRESHOLDS) is expected
 
 
+def test_no_clipping_advice_ignores_exploding_norms() -> None:
+    exploding = [10.0 ** power for power in range(1, 11)]
+    finding = gradient_trends.no_clipping_finding([1.0] * 40 + exploding, "non-finite gradients",
+                                                  Where(run_id="r", rank=0, step=50))
+    assert finding.evidence.values["suggested_max_norm"] == "2"
+    assert finding.evidence.values["exploding_norms"] == "9"
+    assert "max_norm=2)" in finding.fix
+
+
 def test_suggest_max_norm() -> None:
     assert gradient_trends.suggest_max_norm([]) == 1.0
     assert gradient_trends.suggest_max_norm([1.0] * 20) == pytest.approx(2.0)
