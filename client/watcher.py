@@ -256,15 +256,17 @@ class Watcher:
             self._capture.begin_call(args, kwargs)
 
     def observe_loss_call(self, fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                          only_on_output: bool = False) -> None:
+                          only_on_output: bool = False, output: Any = None) -> None:
         """Record a loss computation (a loss module or function and its arguments) for the replay of a failing step.
 
         With only_on_output the call is kept only when it takes an output of the model's last forward pass.
+        output is the loss value the call returned, when known: a replay compares it with the loss
+        passed to backward().
         """
         if self._capture is None:
             return
         try:
-            self._capture.capture_loss(fn, name, args, kwargs, only_on_output=only_on_output)
+            self._capture.capture_loss(fn, name, args, kwargs, only_on_output=only_on_output, output=output)
         except Exception:  # noqa: BLE001 - a nanwatch bug must not stop training
             logger.exception("nanwatch rank %d: recording the loss call failed at step %d", self._rank, self._step)
 
@@ -316,7 +318,7 @@ class Watcher:
             return
         if isinstance(output, torch.Tensor):
             self.observe_loss(output)
-        self.observe_loss_call(module, type(module).__name__, args, kwargs)
+        self.observe_loss_call(module, type(module).__name__, args, kwargs, output=output)
 
     def step_pre_hook(self, unused_optimizer: torch.optim.Optimizer, unused_args: Any, unused_kwargs: Any) -> None:
         """Check the step before the update; raise HaltError when it is poisoned (an optimizer step pre-hook)."""

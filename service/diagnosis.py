@@ -11,7 +11,7 @@ _STATIC_STAGES = (pb.STAGE_INITIALIZATION, pb.STAGE_LOSS, pb.STAGE_HYPERPARAMETE
 _SERIOUS = (pb.SEVERITY_WARNING, pb.SEVERITY_CRITICAL)
 # Warnings that describe a consequence or a quality problem, never the origin of a NaN/Inf:
 # a double softmax only slows learning, and clipping a non-finite norm only spreads it.
-NON_CAUSAL_CODES = frozenset({"LOSS_DOUBLE_SOFTMAX", "GRAD_CLIP_NONFINITE"})
+NON_CAUSAL_CODES = frozenset({"LOSS_DOUBLE_SOFTMAX", "GRAD_CLIP_NONFINITE", "GRAD_NO_CLIPPING"})
 # A forward overflow at run time is often the end of a growth that earlier findings caught.
 # When one of these came at an earlier step, it is the primary cause instead.
 _OVERFLOW_SYMPTOMS = frozenset({"FORWARD_NONFINITE"})

@@ -358,7 +358,8 @@ class Supervisor:
             self.store.add_finding(finding)
             self.metrics.observe_finding(finding)
             recorded.append(finding)
-            log = logger.error if finding.severity == pb.SEVERITY_CRITICAL else logger.warning
+            log = {pb.SEVERITY_CRITICAL: logger.error, pb.SEVERITY_WARNING: logger.warning}.get(
+                finding.severity, logger.info)
             log(
                 "finding run=%s rank=%d step=%d stage=%d code=%s: %s",
                 finding.evidence.run_id, finding.evidence.rank, finding.evidence.step,

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanwatch.cli.main import main
+from nanwatch.v1 import nanwatch_pb2 as pb
 from nanwatch.v1 import nanwatch_pb2_grpc as pb_grpc
 from tests.service.helpers import DEADLINE_S, WatchStream, registration, report
 
@@ -162,3 +163,11 @@ def test_serve_metrics_port_in_use(service: object, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"cannot bind the metrics port 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_runs_table_shows_dash_before_first_step() -> None:
+    from nanwatch.cli.report import render_runs
+
+    table = render_runs([pb.RunSummary(run_id="fresh-run", world_size=2, last_step=-1)])
+    row = next(line for line in table.splitlines() if line.startswith("fresh-run"))
+    assert row.split()[2] == "-"

@@ -62,6 +62,8 @@ class LossCall:
     call_index: int | None
     grad_args: set[int | str] = field(default_factory=set)
     """Positions and keywords of arguments that required grad when the loss ran."""
+    output: torch.Tensor | None = None
+    """The loss value the call returned in the step (detached), when the caller saw it."""
 
 
 class StepCapture:
@@ -110,7 +112,7 @@ class StepCapture:
         self.calls.append(call)
 
     def capture_loss(self, fn: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     *, only_on_output: bool = False) -> None:
+                     *, only_on_output: bool = False, output: Any = None) -> None:
         """Record a loss call of this step; its arguments are matched against the last forward pass's outputs.
 
         With only_on_output, a call that takes no output of that pass is not recorded:
@@ -139,8 +141,10 @@ class StepCapture:
             return
         if matched:
             self.calls[-1].loss_traced = True
+        value = output.detach() if isinstance(output, torch.Tensor) else None
         self.loss_calls.append(LossCall(fn=fn, name=name, args=loss_args, kwargs=loss_kwargs,
-                                        call_index=call_index if matched else None, grad_args=grad_args))
+                                        call_index=call_index if matched else None, grad_args=grad_args,
+                                        output=value))
 
     def clear(self) -> None:
         """Forget the step's calls; called after each optimizer update."""

@@ -101,7 +101,10 @@ class Localizer:
             prefix = f"{forward.module}." if forward.module else ""
             forward.parameter = next((name for name in backward.parameters if prefix and name.startswith(prefix)), "")
             return forward
-        return _backward_location(backward, loss_finite=loss_finite, loss_replayed=replayed.loss is not None)
+        returned_finite = loss_call is not None and loss_call.output is not None and \
+            bool(torch.isfinite(loss_call.output).all())
+        return _backward_location(backward, loss_finite=loss_finite, loss_replayed=replayed.loss is not None,
+                                  after_loss=loss_call.name if returned_finite and loss_call is not None else "")
 
     def _forward(self, call: RootCall, loss_call: LossCall | None) -> _Replayed:
         named = [(tensor, "parameter", name) for name, tensor in self.model.named_parameters()]
@@ -245,15 +248,31 @@ def _origin_location(origin: Origin, hit: Any) -> pb.Location:
     return location
 
 
-def _backward_location(result: BackwardResult, *, loss_finite: bool, loss_replayed: bool) -> pb.Location | None:
+def _backward_location(result: BackwardResult, *, loss_finite: bool, loss_replayed: bool,
+                       after_loss: str = "") -> pb.Location | None:
     """Return the location of the backward search's first non-finite gradient, or None when it found none.
 
     A recorded output gradient can be non-finite while the replay finds no origin.
-    The origin then lies outside the traced code: in the loss computation when the
-    step's loss was finite (or not replayed), else in a forward pass that the
-    replay did not reproduce.
+    The origin then lies outside the traced code. after_loss names the traced loss
+    call when it returned a finite value in the step: the value passed to backward()
+    then came from code after that call. Otherwise the origin is in the loss
+    computation when the step's loss was finite (or not replayed), else in a forward
+    pass that the replay did not reproduce.
     """
     is_untraced = not result.node and result.seed_nonfinite
+    if is_untraced and loss_replayed and after_loss:
+        location = pb.Location(reproduced=True, produced=result.produced or "nan,inf", after_loss=after_loss)
+        if result.parameters:
+            location.parameter = result.parameters[0]
+        location.phase = pb.LOCATION_PHASE_LOSS_BACKWARD if loss_finite else pb.LOCATION_PHASE_LOSS_FORWARD
+        location.detail = (
+            f"{after_loss} returned a finite loss in the step and in the replay, and its backward gave finite "
+            f"gradients at the model output, but in the step the gradient that reached the model output was "
+            f"non-finite. So the value passed to backward() was computed from that loss by code after "
+            f"{after_loss} (a scaling, a sum of loss terms, a regularizer), and that code made NaN/Inf. Check "
+            f"what happens to the loss between {after_loss} and backward()."
+        )
+        return location
     if not result.node and not (is_untraced and (loss_finite or not loss_replayed)):
         return None
     location = pb.Location(reproduced=True, op=result.node, produced=result.produced or "nan,inf")

@@ -78,6 +78,7 @@ def location_to_json(location: pb.Location) -> dict[str, Any]:
         "produced": location.produced or None,
         "then_op": location.then_op or None,
         "tensor": location.tensor or None,
+        "after_loss": location.after_loss or None,
         "reproduced": location.reproduced,
         "detail": location.detail,
     }
@@ -140,7 +141,7 @@ def status_to_json(status: pb.RunStatus) -> dict[str, Any]:
 
 def render_status(status: pb.RunStatus) -> str:
     summary = status.summary
-    lines = [f"run {summary.run_id}  world_size {summary.world_size}  last step {summary.last_step}"]
+    lines = [f"run {summary.run_id}  world_size {summary.world_size}  last step {_step_or_none(summary.last_step)}"]
     if summary.halted:
         first = f", cause seen on rank {status.halt_first_rank}" if status.halt_first_rank >= 0 else ""
         lines.append(f"HALTED at step {summary.halt_step}{first}; triggered by {status.halt_reason}")
@@ -184,10 +185,17 @@ def describe_location(location: pb.Location) -> str:
         parts.append(f"`{location.code}`")
     if location.tensor:
         parts.append(f"tensor {location.tensor}")
+    if location.after_loss:
+        parts.append(f"in code after {location.after_loss}")
     if location.parameter:
         parts.append(f"first non-finite gradient: {location.parameter}")
     parts.append(f"replayed on rank {location.rank}")
     return "; ".join(parts)
+
+
+def _step_or_none(step: int) -> str:
+    """Return step as text, or "-" for -1, the API's value for a run that has not reported a step."""
+    return "-" if step < 0 else str(step)
 
 
 def render_runs(runs: list[pb.RunSummary]) -> str:
@@ -195,7 +203,7 @@ def render_runs(runs: list[pb.RunSummary]) -> str:
         [
             run.run_id,
             str(run.world_size),
-            str(run.last_step),
+            _step_or_none(run.last_step),
             f"halted at {run.halt_step}" if run.halted else "not halted",
             str(run.finding_count),
             f"{run.primary.code} (stage {run.primary.stage})" if run.HasField("primary") else "-",

@@ -104,7 +104,7 @@ class Evidence(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensor: _Optional[str] = ..., layer: _Optional[str] = ..., values: _Optional[_Mapping[str, str]] = ..., sample_indices: _Optional[_Iterable[int]] = ..., location: _Optional[_Union[Location, _Mapping]] = ...) -> None: ...
 
 class Location(_message.Message):
-    __slots__ = ("phase", "rank", "step", "module", "module_type", "parameter", "op", "source", "code", "produced", "then_op", "then_source", "tensor", "reproduced", "detail")
+    __slots__ = ("phase", "rank", "step", "module", "module_type", "parameter", "op", "source", "code", "produced", "then_op", "then_source", "tensor", "reproduced", "detail", "after_loss")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class Location(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     REPRODUCED_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    AFTER_LOSS_FIELD_NUMBER: _ClassVar[int]
     phase: LocationPhase
     rank: int
     step: int
@@ -135,7 +136,8 @@ class Location(_message.Message):
     tensor: str
     reproduced: bool
     detail: str
-    def __init__(self, phase: _Optional[_Union[LocationPhase, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., module: _Optional[str] = ..., module_type: _Optional[str] = ..., parameter: _Optional[str] = ..., op: _Optional[str] = ..., source: _Optional[str] = ..., code: _Optional[str] = ..., produced: _Optional[str] = ..., then_op: _Optional[str] = ..., then_source: _Optional[str] = ..., tensor: _Optional[str] = ..., reproduced: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    after_loss: str
+    def __init__(self, phase: _Optional[_Union[LocationPhase, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., module: _Optional[str] = ..., module_type: _Optional[str] = ..., parameter: _Optional[str] = ..., op: _Optional[str] = ..., source: _Optional[str] = ..., code: _Optional[str] = ..., produced: _Optional[str] = ..., then_op: _Optional[str] = ..., then_source: _Optional[str] = ..., tensor: _Optional[str] = ..., reproduced: _Optional[bool] = ..., detail: _Optional[str] = ..., after_loss: _Optional[str] = ...) -> None: ...
 
 class Finding(_message.Message):
     __slots__ = ("id", "stage", "severity", "code", "message", "fix", "evidence", "created_unix_s")

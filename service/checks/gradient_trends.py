@@ -88,7 +88,8 @@ def no_clipping_finding(recent_norms: Sequence[float], trigger: str, where: Wher
     )
     values = {"suggested_max_norm": format_number(max_norm), "healthy_norms": str(len(healthy)),
               "exploding_norms": str(len(recent_norms) - len(healthy))}
-    return new_finding("GRAD_NO_CLIPPING", pb.SEVERITY_INFO, where, message=message, fix=fix, values=values)
+    # A warning, so that the checklist row "Gradient clipping is configured" does not read "pass".
+    return new_finding("GRAD_NO_CLIPPING", pb.SEVERITY_WARNING, where, message=message, fix=fix, values=values)
 
 
 def clip_nonfinite_finding(report: pb.StepReport, max_norm: float, where: Where) -> pb.Finding:

@@ -170,10 +170,12 @@ def check_momentum(optimizer: pb.OptimizerInfo, where: Where, thresholds: Thresh
             return []
         effect = f"the effective step size lr / (1 - momentum) is {format_number(effective)}"
     message = f"{optimizer.type} on rank {where.rank} has momentum {format_number(momentum)} and lr {format_number(optimizer.lr)}: {effect}."
-    fix = (
-        f"Use momentum 0.9 (or at most 0.99) and keep lr / (1 - momentum) below "
-        f"{format_number(usual_max if usual_max is not None else 1.0)}."
-    )
+    limit = usual_max if usual_max is not None else 1.0
+    if momentum >= 1.0:
+        fix = f"Use momentum 0.9 (or at most 0.99) and keep lr / (1 - momentum) below {format_number(limit)}."
+    else:
+        fix = (f"Lower lr to at most {format_number(limit * (1.0 - momentum))}, so that lr / (1 - momentum) "
+               f"stays below {format_number(limit)}, or lower the momentum.")
     values = {"momentum": format_number(momentum), "lr": format_number(optimizer.lr),
               "effective_lr": format_number(effective)}
     return [new_finding("MOMENTUM_EXTREME", pb.SEVERITY_WARNING, where, message=message, fix=fix, values=values)]

@@ -101,7 +101,7 @@ def _enrich(finding: pb.Finding, location: pb.Location, where: Where) -> None:
     """
     finding.evidence.location.CopyFrom(location)
     finding.evidence.layer = finding.evidence.layer or location.module
-    if finding.code in _GUESSED_CODES and location.op:
+    if finding.code in _GUESSED_CODES and (location.op or location.after_loss):
         located = located_finding(location, where)
         finding.code, finding.stage = located.code, located.stage
         finding.message, finding.fix = located.message, located.fix
@@ -136,8 +136,12 @@ def code_for(location: pb.Location) -> str:
     """Return the check code that a location supports, or "" for an unknown phase.
 
     An overflow in the loss or in backward is the end of a growth, not a
-    loss-function choice, so it supports LOSS_NONFINITE or GRAD_NONFINITE.
+    loss-function choice, so it supports LOSS_NONFINITE or GRAD_NONFINITE. A
+    non-finite value made by code after a finite loss call (after_loss) is a loss
+    computation that is undefined there: LOSS_UNDEFINED, with the located text.
     """
+    if location.after_loss:
+        return "LOSS_UNDEFINED"
     if location.phase == pb.LOCATION_PHASE_LOSS_FORWARD:
         if is_overflow(location):
             return "LOSS_NONFINITE"
@@ -162,6 +166,10 @@ def _fix_for(location: pb.Location, code: str) -> str:
         return (f"{location.then_op} at {location.then_source} got a row where every position is masked (-inf from "
                 f"{location.op} at {location.source}): leave at least one unmasked position per row, drop empty rows, "
                 f"or fill masks with a large negative finite value.")
+    if location.after_loss:
+        return (f"Check each operation applied to the result of {location.after_loss} before backward() (a "
+                f"scaling, a sum of loss terms, a regularizer) for NaN/Inf, or pass the value given to backward() "
+                f"to watcher.observe_loss() so that its step is reported as well.")
     if code == "PARAM_NONFINITE":
         return (f"'{location.tensor}' was already non-finite: an earlier update poisoned it; lower the learning "
                 f"rate or check the optimizer's eps for the parameter dtype.")

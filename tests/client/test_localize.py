@@ -125,6 +125,26 @@ def test_nan_born_in_loss_backward(dead_endpoint: str) -> None:
     assert ".sqrt()" in location.code
 
 
+@pytest.mark.parametrize(("observed", "phase"), [(False, pb.LOCATION_PHASE_LOSS_BACKWARD),
+                                                  (True, pb.LOCATION_PHASE_LOSS_FORWARD)])
+def test_nan_made_after_loss_module(dead_endpoint: str, observed: bool, phase: int) -> None:
+    x, y = _batch()
+    model, criterion = DeepNet(), nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Watcher(model, optimizer, loss_fn=criterion, endpoint=dead_endpoint, flush_timeout_s=0.2) as watcher:
+        with pytest.raises(HaltError) as caught:
+            loss = criterion(model(x), y) * float("nan")  # code after the loss module
+            if observed:
+                watcher.observe_loss(loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    location = _location(caught.value)
+    assert location.after_loss == "CrossEntropyLoss"
+    assert location.phase == phase
+    assert "code after CrossEntropyLoss" in location.detail
+
+
 def test_replay_that_stays_finite(dead_endpoint: str) -> None:
     x, y = _batch()
     location = _location(_halt(FlakyNet(), nn.CrossEntropyLoss(), x, y, dead_endpoint))

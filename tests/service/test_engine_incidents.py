@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from nanwatch.service.checks.catalog import Where, new_finding
 from nanwatch.service.diagnosis import choose_primary
 from nanwatch.service.engine import CheckEngine
@@ -96,9 +98,10 @@ def test_input_nan_outranks_static() -> None:
     assert choose_primary(findings, 3).code == "DATA_NONFINITE"
 
 
-def test_advice_never_primary() -> None:
+@pytest.mark.parametrize("severity", [pb.SEVERITY_INFO, pb.SEVERITY_WARNING])
+def test_advice_never_primary(severity: pb.Severity) -> None:
     where = Where(run_id="r", rank=0, step=5)
-    advice = new_finding("GRAD_NO_CLIPPING", pb.SEVERITY_INFO, where, message="m", fix="f")
+    advice = new_finding("GRAD_NO_CLIPPING", severity, where, message="m", fix="f")
     double = new_finding("LOSS_DOUBLE_SOFTMAX", pb.SEVERITY_WARNING, Where(run_id="r", rank=0), message="m", fix="f")
     loss = new_finding("LOSS_NONFINITE", pb.SEVERITY_CRITICAL, where, message="m", fix="f")
     assert choose_primary([advice, double, loss], 5).code == "LOSS_NONFINITE"

@@ -37,6 +37,8 @@ def _finding(code: str, step: int = 7, severity: int = pb.SEVERITY_CRITICAL) -> 
     ({"phase": pb.LOCATION_PHASE_INPUT, "tensor": "args[0]"}, "DATA_NONFINITE"),
     ({"phase": pb.LOCATION_PHASE_PARAMETER, "tensor": "fc.weight"}, "PARAM_NONFINITE"),
     ({"phase": pb.LOCATION_PHASE_NOT_REPRODUCED}, "REPLAY_NOT_REPRODUCED"),
+    ({"phase": pb.LOCATION_PHASE_LOSS_BACKWARD, "produced": "nan,inf", "after_loss": "CrossEntropyLoss"},
+     "LOSS_UNDEFINED"),
 ])
 def test_code_for_location(location: dict[str, object], code: str) -> None:
     assert code_for(pb.Location(**location)) == code
@@ -67,6 +69,18 @@ def test_location_replaces_guessed_code() -> None:
                      produced="-inf", then_op="torch.nn.functional.multi_head_attention_forward")
     findings = apply_location(report, [_finding("FORWARD_NONFINITE", severity=pb.SEVERITY_WARNING)], WHERE)
     assert [finding.code for finding in findings] == ["LOSS_MASKED_SOFTMAX"]
+
+
+@pytest.mark.parametrize("guessed", ["LOSS_BACKWARD_NONFINITE", "LOSS_UNDEFINED"])
+def test_after_loss_replaces_guessed_text(guessed: str) -> None:
+    report = _report(phase=pb.LOCATION_PHASE_LOSS_BACKWARD, produced="nan,inf", after_loss="CrossEntropyLoss",
+                     detail="code after CrossEntropyLoss made NaN/Inf")
+    findings = apply_location(report, [_finding(guessed), _finding("GRAD_NONFINITE")], WHERE)
+    primary = choose_primary(findings, 7)
+    assert primary is not None
+    assert primary.code == "LOSS_UNDEFINED"
+    assert "code after CrossEntropyLoss" in primary.message
+    assert "before backward()" in primary.fix
 
 
 def test_location_enriches_same_origin_finding() -> None:
