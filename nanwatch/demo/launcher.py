@@ -192,10 +192,14 @@ def _run_in(
         result_dir=result_dir,
     )  # fmt: skip
     exit_code = run_torchrun(command, out=out, timeout_seconds=timeout_seconds)
-    return DemoResult(
+    result = DemoResult(
         fault=fault,
         run_id=run_id,
         torchrun_exit_code=exit_code,
         ranks=read_rank_results(result_dir, nproc),
         result_dir=result_dir if keep_dir else None,
     )
+    if result.halted and exit_code != 0:
+        out.write(f"(torchrun reports the ranks as failed, with a ChildFailedError above, because they exited "
+                  f"with {halt_exit_code()}, nanwatch's halt exit code: the halt this demo expects.)\n")
+    return result

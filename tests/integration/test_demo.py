@@ -33,9 +33,11 @@ def _first_nonfinite_step(reference: DemoResult) -> int:
 def test_fault_halts_ranks_at_first_nonfinite(fault: str, service: object, stub: pb_grpc.NanwatchStub) -> None:
     expected_step = _first_nonfinite_step(run_demo(fault, steps=STEPS, out=io.StringIO()))
 
-    watched = run_demo(fault, steps=STEPS, endpoint=service.endpoint, out=io.StringIO())  # type: ignore[attr-defined]
+    output = io.StringIO()
+    watched = run_demo(fault, steps=STEPS, endpoint=service.endpoint, out=output)  # type: ignore[attr-defined]
 
     assert watched.exit_code == DEFAULT_HALT_EXIT_CODE
+    assert "nanwatch's halt exit code" in output.getvalue()
     for rank, outcome in enumerate(watched.ranks):
         assert outcome is not None, f"rank {rank} wrote no result"
         assert outcome.halted, f"rank {rank} was not halted"
@@ -51,9 +53,11 @@ def test_fault_halts_ranks_at_first_nonfinite(fault: str, service: object, stub:
 
 
 def test_fault_none_trains_without_halt(service: object, stub: pb_grpc.NanwatchStub) -> None:
-    result = run_demo("none", steps=STEPS, endpoint=service.endpoint, out=io.StringIO())  # type: ignore[attr-defined]
+    output = io.StringIO()
+    result = run_demo("none", steps=STEPS, endpoint=service.endpoint, out=output)  # type: ignore[attr-defined]
 
     assert result.torchrun_exit_code == 0
+    assert "halt exit code" not in output.getvalue()
     assert not result.halted
     for outcome in result.ranks:
         assert outcome is not None
