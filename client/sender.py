@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 5.0
 _POLL_S = 0.05
-# Reports per Watch message at most; a ReportBatch of this many healthy reports is a few tens of KiB.
+# The most reports in one Watch message. A ReportBatch of this many healthy reports is a few tens of KiB.
 MAX_REPORTS_PER_MESSAGE = 64
 
 

@@ -26,13 +26,11 @@ logger = logging.getLogger(__name__)
 
 # Names of non-finite gradients or parameters shown in a halt reason.
 MAX_NAMES_IN_REASON = 5
-# The update norm ||delta w|| is measured on every this-many-th step. On a GPU the copy
-# of the parameters exists only during those steps. On the CPU its buffer is kept
-# between them (see UpdateSnapshot.kept_cpu_buffers). The parameter norms are measured on
-# the next step, which reports that update norm, and on step 0. A norm pass over
-# the parameters reads as many bytes as the one over the gradients. Run on every
-# step, it added about 2% to the step of a 2M-parameter MLP on CPU. A step that fails any
-# check measures them as well, before deciding.
+# The update norm ||delta w|| is measured on every this-many-th step, from a copy of the
+# parameters (kept between those steps on the CPU only, see UpdateSnapshot.kept_cpu_buffers).
+# The parameter norms are measured on step 0, on the step that reports each update norm
+# (see params_due) and on any step that fails a check. On every step they added about 2%
+# to the step of a 2M-parameter MLP on CPU, as much as the gradient norms.
 UPDATE_NORM_EVERY = 10
 # The code bits that the float64 recheck of overflowed norms can clear.
 NORM_REASONS = int(Reason.GRADIENT) | int(Reason.PARAMETERS)

@@ -135,7 +135,7 @@ class ForwardTrace:
         """Return the minima and maxima of this step's model outputs as one device vector and clear them.
 
         None without a forward pass since the last call. A value is non-finite exactly
-        when an output held NaN or Inf.
+        when an output contained NaN or Inf.
         """
         extremes, self._output_extremes = self._output_extremes, []
         return _join(extremes) if extremes else None

@@ -28,7 +28,8 @@ from nanwatch.client.step_check import HaltDecision, StepChecker, StepContext, S
 from nanwatch.client.summaries import summarize_batch_tensor
 from nanwatch.client.trace import ForwardTrace
 from nanwatch.endpoint import default_endpoint, validate_endpoint
-from nanwatch.errors import HaltError, halt_exit_code as env_halt_exit_code
+from nanwatch.errors import HaltError, skipped_before_halt
+from nanwatch.errors import halt_exit_code as env_halt_exit_code
 from nanwatch.v1 import nanwatch_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ class Watcher:
             return
         elif self._skips.consecutive:
             count = self._skips.consecutive
-            outcome.halt.reason += f" after {count} skipped update{'' if count == 1 else 's'} in a row"
+            outcome.halt.reason += f" {skipped_before_halt(count)}"
             outcome.report.consecutive_skips = count
         if outcome.halt is not None and self._own_values_nonfinite(outcome.halt):
             self._localize(outcome)

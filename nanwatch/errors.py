@@ -1,4 +1,4 @@
-"""The exception that stops a training process when nanwatch halts a run."""
+"""The exception that stops a training process when nanwatch halts a run, and the wording of halt reasons."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ if TYPE_CHECKING:
 
 DEFAULT_HALT_EXIT_CODE = 42
 HALT_EXIT_CODE_ENV = "NANWATCH_HALT_EXIT_CODE"
+
+
+def skipped_before_halt(count: int) -> str:
+    """Return "after N skipped updates in a row" for a halt that the skip policy delayed, or "" when count <= 0."""
+    if count <= 0:
+        return ""
+    return f"after {count} skipped update{'' if count == 1 else 's'} in a row"
 
 
 def halt_exit_code() -> int:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import grpc
 import numpy as np
 
+from nanwatch.errors import skipped_before_halt
 from nanwatch.service.checklist import build_checklist
 from nanwatch.service.checks.catalog import spec_for
 from nanwatch.service.diagnosis import choose_primary
@@ -188,7 +189,7 @@ class Supervisor:
         if halted_locally and report.HasField("client_finding"):
             findings += _accepted_client_finding(run.run_id, rank, report)
         recorded = self._record_findings(findings)
-        skips = _skipped_before(report) if halted_locally else ""
+        skips = skipped_before_halt(report.consecutive_skips) if halted_locally else ""
         if recorded:
             self._halt_on_critical(run.run_id, recorded, step=report.step, note=skips)
         if halted_locally:
@@ -499,10 +500,3 @@ def _halt_signal(halt: HaltRecord) -> pb.Signal:
         signal.finding.CopyFrom(halt.finding)
     return signal
 
-
-def _skipped_before(report: pb.StepReport) -> str:
-    """Return "after N skipped updates in a row" for a halting report that the skip policy came before, else ""."""
-    skips = report.consecutive_skips
-    if skips <= 0:
-        return ""
-    return f"after {skips} skipped update{'' if skips == 1 else 's'} in a row"

@@ -101,10 +101,9 @@ class Localizer:
             prefix = f"{forward.module}." if forward.module else ""
             forward.parameter = next((name for name in backward.parameters if prefix and name.startswith(prefix)), "")
             return forward
-        returned_finite = loss_call is not None and loss_call.output is not None and \
-            bool(torch.isfinite(loss_call.output).all())
+        after_loss = loss_call.name if loss_call is not None and _returned_finite(loss_call) else ""
         return _backward_location(backward, loss_finite=loss_finite, loss_replayed=replayed.loss is not None,
-                                  after_loss=loss_call.name if returned_finite and loss_call is not None else "")
+                                  after_loss=after_loss)
 
     def _forward(self, call: RootCall, loss_call: LossCall | None) -> _Replayed:
         named = [(tensor, "parameter", name) for name, tensor in self.model.named_parameters()]
@@ -260,25 +259,18 @@ def _backward_location(result: BackwardResult, *, loss_finite: bool, loss_replay
     pass that the replay did not reproduce.
     """
     is_untraced = not result.node and result.seed_nonfinite
-    if is_untraced and loss_replayed and after_loss:
-        location = pb.Location(reproduced=True, produced=result.produced or "nan,inf", after_loss=after_loss)
-        if result.parameters:
-            location.parameter = result.parameters[0]
-        location.phase = pb.LOCATION_PHASE_LOSS_BACKWARD if loss_finite else pb.LOCATION_PHASE_LOSS_FORWARD
-        location.detail = (
-            f"{after_loss} returned a finite loss in the step and in the replay, and its backward gave finite "
-            f"gradients at the model output, but in the step the gradient that reached the model output was "
-            f"non-finite. So the value passed to backward() was computed from that loss by code after "
-            f"{after_loss} (a scaling, a sum of loss terms, a regularizer), and that code made NaN/Inf. Check "
-            f"what happens to the loss between {after_loss} and backward()."
-        )
-        return location
-    if not result.node and not (is_untraced and (loss_finite or not loss_replayed)):
+    is_after_loss = is_untraced and loss_replayed and bool(after_loss)
+    if not result.node and not is_after_loss and not (is_untraced and (loss_finite or not loss_replayed)):
         return None
     location = pb.Location(reproduced=True, op=result.node, produced=result.produced or "nan,inf")
     if result.parameters:
         location.parameter = result.parameters[0]
     site = result.site
+    if is_after_loss:
+        location.after_loss = after_loss
+        location.phase = pb.LOCATION_PHASE_LOSS_BACKWARD if loss_finite else pb.LOCATION_PHASE_LOSS_FORWARD
+        location.detail = _describe_after_loss(after_loss)
+        return location
     if is_untraced:
         location.phase = pb.LOCATION_PHASE_LOSS_BACKWARD if loss_finite else pb.LOCATION_PHASE_LOSS_FORWARD
         location.detail = _UNTRACED_LOSS[location.phase]
@@ -290,6 +282,19 @@ def _backward_location(result: BackwardResult, *, loss_finite: bool, loss_replay
         location.module, location.module_type = site.module, site.module_type
     location.detail = _describe_backward(location, site)
     return location
+
+
+def _returned_finite(loss_call: LossCall) -> bool:
+    """Return whether the loss call returned a finite value in the step (one host synchronization, replays only)."""
+    return loss_call.output is not None and bool(torch.isfinite(loss_call.output).all())
+
+
+def _describe_after_loss(name: str) -> str:
+    return (f"{name} returned a finite loss in the step and in the replay, and its backward gave finite gradients "
+            f"at the model output, but in the step the gradient that reached the model output was non-finite. "
+            f"So the value passed to backward() was computed from that loss by code after {name} (a scaling, a "
+            f"sum of loss terms, a regularizer), and that code made NaN/Inf. Check what happens to the loss "
+            f"between {name} and backward().")
 
 
 _UNTRACED_LOSS = {

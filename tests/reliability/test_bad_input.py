@@ -227,7 +227,7 @@ def test_watch_second_start_rejected(stub: pb_grpc.NanwatchStub) -> None:
     assert "first message" in error.details()
 
 
-def test_watch_batch_with_bad_report_keeps_the_reports_before_it(stub: pb_grpc.NanwatchStub) -> None:
+def test_bad_batch_keeps_earlier_reports(stub: pb_grpc.NanwatchStub) -> None:
     stub.RegisterRank(registration("batch-bad"), timeout=DEADLINE_S)
     reports = pb.ReportBatch(reports=[report(0), report(1, loss=2.5), _bad_report(step=-4), report(3)])
     messages = [pb.WatchRequest(start=pb.WatchStart(run_id="batch-bad", rank=0, client_id="client-0")),
